@@ -1,0 +1,284 @@
+"""The `Adapter` pytree and the functions on it: init, inject, merge, unmerge, partition.
+
+An adapter stores its arrays the way PEFT names them, per Hugging Face module:
+
+    adapter.weights   {"model.layers.0.self_attn.q_proj": {"lora_A.weight": [r, in], ...}}
+    adapter.overrides {"lm_head.weight": [vocab, dim], "model.layers.0.self_attn.q_proj.bias": [out]}
+    adapter.frozen    {module: {piece: array}}   non-trainable adapter state (PiSSA's initial factors)
+    adapter.config    the method's config: static, hashable
+
+`weights` and `overrides` are trainable; `overrides` replace base leaves (PEFT's `modules_to_save`
+copies and trainable biases). `inject(params, adapter)` turns this into the model's layout: for a
+model that stacks its layers, per-layer pieces are stacked on a leading axis (zero-padded to the
+largest rank, zeros for layers the adapter does not touch), so `lax.scan` slices them with the base
+weights. Each method registers a `Method` that builds its per-module node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import tree as jtree
+from jpeft.config import PeftConfig
+
+Array = jax.Array
+Pieces = dict[str, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """What a PEFT method contributes; each file in `jpeft/methods/` registers one.
+
+    init_adapter(params, config, key, model) -> Adapter
+    make_node(base, pieces, frozen, constants, active, dropout_key, config) -> adapted weight
+        where every array may carry a leading stacked-layer axis; `constants` are per-module
+        scalars from `module_constants` ([L] when stacked), `active` a bool mask ([L]) of the
+        layers that have the adapter, or None.
+    module_constants(config, module_name, pieces) -> {name: float}
+    check_shapes(config, module_name, base_shape, pieces) -> None, or ValueError naming both shapes
+    """
+
+    init_adapter: Callable[..., Adapter]
+    make_node: Callable[..., Any]
+    module_constants: Callable[[PeftConfig, str, Pieces], dict[str, float]]
+    check_shapes: Callable[[PeftConfig, str, tuple, Pieces], None]
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(peft_type: str, method: Method) -> None:
+    """Register a method under its PEFT type name (e.g. "LORA")."""
+    _METHODS[peft_type] = method
+
+
+def method_for(config: PeftConfig) -> Method:
+    import jpeft.methods  # noqa: F401  (registers every method)
+
+    if config.peft_type not in _METHODS:
+        raise ValueError(f"no jpeft method registered for peft_type {config.peft_type!r}")
+    return _METHODS[config.peft_type]
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Adapter:
+    """A PEFT adapter as a pytree: trainable `weights` and `overrides`, `frozen` state, static config."""
+
+    def __init__(
+        self,
+        config: PeftConfig,
+        weights: Mapping[str, Pieces],
+        overrides: Mapping[str, Array] | None = None,
+        frozen: Mapping[str, Pieces] | None = None,
+    ):
+        self.config = config
+        self.weights = dict(weights)
+        self.overrides = dict(overrides or {})
+        self.frozen = dict(frozen or {})
+
+    def tree_flatten_with_keys(self):
+        children = (
+            (jax.tree_util.GetAttrKey("weights"), self.weights),
+            (jax.tree_util.GetAttrKey("overrides"), self.overrides),
+            (jax.tree_util.GetAttrKey("frozen"), self.frozen),
+        )
+        return children, self.config
+
+    @classmethod
+    def tree_unflatten(cls, config, children):
+        adapter = object.__new__(cls)
+        adapter.config = config
+        adapter.weights, adapter.overrides, adapter.frozen = children
+        return adapter
+
+    def replace(self, **changes: Any) -> Adapter:
+        fields = dict(
+            config=self.config, weights=self.weights, overrides=self.overrides, frozen=self.frozen
+        )
+        fields.update(changes)
+        return Adapter(**fields)
+
+    def num_trainable(self) -> int:
+        """Number of trainable scalars (weights + overrides)."""
+        leaves = jax.tree.leaves((self.weights, self.overrides))
+        return int(sum(np.prod(np.shape(leaf)) for leaf in leaves))
+
+    def __repr__(self) -> str:
+        return (
+            f"Adapter({type(self.config).__name__}, {len(self.weights)} modules, "
+            f"{len(self.overrides)} overrides, {self.num_trainable():,} trainable)"
+        )
+
+
+def is_trainable(path: str, leaf: Any) -> bool:
+    """Default filter for `partition`: everything but an adapter's `frozen` state."""
+    return not path.startswith("frozen")
+
+
+def partition(tree: Any, keep: Callable[[str, Any], bool] = is_trainable) -> tuple[Any, Any]:
+    """Split into (kept, rest) pytrees of the same structure; see `jpeft.tree.partition`."""
+    return jtree.partition(tree, keep)
+
+
+def init_adapter(
+    params: Mapping[str, Any], config: PeftConfig, *, key: Array, model: Any = None
+) -> Adapter:
+    """A fresh adapter for `params` ([L, ...]-stacked or per-layer HF trees) as PEFT initialises it."""
+    return method_for(config).init_adapter(params, config, key, model)
+
+
+# ---------------------------------------------------------------------------------------------
+# inject: the adapter in the model's layout
+
+
+def inject(params: Mapping[str, Any], adapter: Adapter, *, dropout_key: Array | None = None):
+    """`params` with targeted weights replaced by adapted-weight nodes and overrides applied.
+
+    Pure and cheap (only adapter-sized arrays are built); call it inside the jitted, differentiated
+    function so gradients flow to the adapter's leaves.
+    """
+    method = method_for(adapter.config)
+    out = _apply_overrides(params, adapter.overrides)
+    groups = _group_by_tree_path(params, adapter.weights)
+    for index, (tree_path, layer_names) in enumerate(sorted(groups.items())):
+        weight_path = f"{tree_path}.weight"
+        base = _get_leaf(params, weight_path, next(iter(layer_names.values())))
+        num_layers = None if None in layer_names else int(base.shape[0])
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+        node = _make_node(method, adapter, base, layer_names, num_layers, key)
+        out = jtree.set_path(out, weight_path, node)
+    return out
+
+
+def _get_leaf(params: Mapping[str, Any], path: str, module_name: str) -> Any:
+    try:
+        return jtree.get_path(params, path)
+    except KeyError:
+        raise ValueError(
+            f"adapter module {module_name!r} has no weight in the params ({path!r} not found); "
+            "was the adapter made for another model?"
+        ) from None
+
+
+def _group_by_tree_path(params, weights) -> dict[str, dict[int | None, str]]:
+    """{tree path: {layer index or None: HF module name}} for the adapter's modules."""
+    groups: dict[str, dict[int | None, str]] = {}
+    for name in weights:
+        tree_path, layer = jtree.hf_param_path(params, name)
+        groups.setdefault(tree_path, {})[layer] = name
+    return groups
+
+
+def _make_node(method: Method, adapter: Adapter, base, layer_names, num_layers, dropout_key):
+    config = adapter.config
+    if num_layers is None:
+        name = layer_names[None]
+        pieces = adapter.weights[name]
+        method.check_shapes(config, name, tuple(np.shape(base)), pieces)
+        constants = {
+            k: jnp.float32(v) for k, v in method.module_constants(config, name, pieces).items()
+        }
+        return method.make_node(
+            base, pieces, adapter.frozen.get(name, {}), constants, None, dropout_key, config
+        )
+    for layer, name in layer_names.items():
+        if not 0 <= layer < num_layers:
+            raise ValueError(
+                f"adapter module {name!r}: layer {layer} does not exist, the model has "
+                f"{num_layers} layers"
+            )
+        method.check_shapes(config, name, tuple(np.shape(base))[1:], adapter.weights[name])
+    pieces = _stack_layers(adapter.weights, layer_names, num_layers)
+    frozen = _stack_layers(adapter.frozen, layer_names, num_layers)
+    constants = _stack_constants(method, config, adapter.weights, layer_names, num_layers)
+    active = np.zeros(num_layers, bool)
+    active[list(layer_names)] = True
+    keys = None if dropout_key is None else jax.random.split(dropout_key, num_layers)
+    return method.make_node(base, pieces, frozen, constants, jnp.asarray(active), keys, config)
+
+
+def _stack_layers(per_module: Mapping[str, Pieces], layer_names, num_layers) -> Pieces:
+    """Stack each piece over layers: [L, *max shape], zero-padded, zeros where absent."""
+    present = [per_module[name] for name in layer_names.values() if name in per_module]
+    if not present:
+        return {}
+    stacked = {}
+    for piece in present[0]:
+        shapes = [np.shape(p[piece]) for p in present]
+        full = tuple(max(dims) for dims in zip(*shapes, strict=True))
+        dtype = present[0][piece].dtype
+        rows = []
+        for layer in range(num_layers):
+            name = layer_names.get(layer)
+            if name is None or name not in per_module:
+                rows.append(jnp.zeros(full, dtype))
+                continue
+            value = per_module[name][piece]
+            pad = [(0, f - s) for f, s in zip(full, np.shape(value), strict=True)]
+            rows.append(jnp.pad(value, pad) if any(p[1] for p in pad) else value)
+        stacked[piece] = jnp.stack(rows)
+    return stacked
+
+
+def _stack_constants(method, config, weights, layer_names, num_layers) -> dict[str, Array]:
+    values: dict[str, np.ndarray] = {}
+    for layer, name in layer_names.items():
+        for key, value in method.module_constants(config, name, weights[name]).items():
+            values.setdefault(key, np.zeros(num_layers, np.float32))[layer] = value
+    return {key: jnp.asarray(value) for key, value in values.items()}
+
+
+def _apply_overrides(params: Mapping[str, Any], overrides: Mapping[str, Array]):
+    out = params
+    for name, value in overrides.items():
+        tree_path, layer = jtree.hf_param_path(params, name)
+        base = _get_leaf(params, tree_path, name)
+        expected = base.shape if layer is None else base.shape[1:]
+        if tuple(value.shape) != tuple(expected):
+            raise ValueError(
+                f"adapter override {name!r} has shape {tuple(value.shape)} but the model's "
+                f"parameter has shape {tuple(expected)}"
+            )
+        value = value.astype(base.dtype)
+        out = jtree.set_path(out, tree_path, value if layer is None else base.at[layer].set(value))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# merge / unmerge
+
+
+def merge(params: Mapping[str, Any], adapter: Adapter) -> dict[str, Any]:
+    """PEFT's `merge_and_unload`: a plain param tree with the adapter folded into the weights."""
+    injected = inject(params, adapter)
+    return _map_nodes(injected, lambda node: node.merged_weight())
+
+
+def unmerge(merged: Mapping[str, Any], adapter: Adapter) -> dict[str, Any]:
+    """Undo `merge` for methods whose merge is invertible (LoRA, IA3): the original weights.
+
+    Overrides (modules_to_save, trained biases) cannot be undone from merged params alone and
+    are left as they are.
+    """
+    injected = inject(merged, adapter.replace(overrides={}))
+    return _map_nodes(injected, lambda node: node.unmerged_weight())
+
+
+def _map_nodes(tree: Mapping[str, Any], fn: Callable[[Any], Array]) -> dict[str, Any]:
+    from jpeft.ops import AdaptedWeight
+
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out[key] = _map_nodes(value, fn)
+        elif isinstance(value, AdaptedWeight):
+            out[key] = fn(value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,147 @@
+"""The base of every method's config: PEFT's field names, frozen and hashable, JSON both ways.
+
+A config is the static part of an `Adapter` pytree, so it must be hashable: lists become tuples and
+dicts become `FrozenMap`s when a config is built, and `to_dict` turns them back into the JSON PEFT
+writes (`json.dumps(asdict(cfg), indent=2, sort_keys=True)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+PEFT_VERSION_WRITTEN = "0.21.2"
+
+_CONFIG_CLASSES: dict[str, type[PeftConfig]] = {}
+
+
+class FrozenMap(Mapping):
+    """An immutable, hashable dict (for `rank_pattern` and other dict fields)."""
+
+    def __init__(self, items: Mapping[str, Any] | None = None):
+        self._items = dict(items or {})
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items.items()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return FrozenMap({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, (set, frozenset)):
+        return tuple(sorted(_freeze(v) for v in value))
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def register_config(peft_type: str):
+    """Class decorator: make `cls` the config class read for `peft_type` in adapter_config.json."""
+
+    def decorate(cls: type[PeftConfig]) -> type[PeftConfig]:
+        cls.peft_type = peft_type
+        _CONFIG_CLASSES[peft_type] = cls
+        return cls
+
+    return decorate
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+    """Fields every PEFT config has. Subclasses add their method's fields with PEFT's defaults."""
+
+    peft_type: ClassVar[str] = ""
+    # PEFT fields jpeft accepts only at their default value: {field: default}.
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {}
+
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+    auto_mapping: Any = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, _freeze(getattr(self, field.name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for values PEFT would reject."""
+
+    def replace(self, **changes: Any) -> PeftConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object PEFT writes to adapter_config.json."""
+        out = {field.name: _thaw(getattr(self, field.name)) for field in dataclasses.fields(self)}
+        out.update({name: default for name, default in self.UNSUPPORTED.items()})
+        out["peft_type"] = self.peft_type
+        out["peft_version"] = PEFT_VERSION_WRITTEN
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> PeftConfig:
+        """Build a config from PEFT's JSON; unknown keys warn, unsupported settings raise."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        kwargs, unknown = {}, []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in cls.UNSUPPORTED:
+                if value != cls.UNSUPPORTED[key] and value not in (None, {}, []):
+                    raise ValueError(
+                        f"{source}: {key}={value!r} is a PEFT option jpeft does not support; "
+                        f"only {key}={cls.UNSUPPORTED[key]!r} can be loaded"
+                    )
+            elif key not in ("peft_type", "peft_version"):
+                unknown.append(key)
+        if unknown:
+            warnings.warn(
+                f"{source}: ignoring keys unknown to jpeft's {cls.__name__}: {sorted(unknown)}",
+                stacklevel=2,
+            )
+        return cls(**kwargs)
+
+
+def config_class(peft_type: str, source: str = "config") -> type[PeftConfig]:
+    """The registered config class for a `peft_type` string such as "LORA"."""
+    import jpeft.methods  # noqa: F401  (registers every method)
+
+    if peft_type not in _CONFIG_CLASSES:
+        raise ValueError(
+            f"{source}: unknown peft_type {peft_type!r}; jpeft reads {sorted(_CONFIG_CLASSES)}"
+        )
+    return _CONFIG_CLASSES[peft_type]
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "config") -> PeftConfig:
+    """Dispatch on `peft_type` and build that method's config."""
+    if "peft_type" not in data:
+        raise ValueError(f"{source}: no 'peft_type' key; is this a PEFT adapter_config.json?")
+    return config_class(data["peft_type"], source).from_dict(data, source)

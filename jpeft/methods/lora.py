@@ -1,0 +1,430 @@
+"""LoRA and its variants (rsLoRA, DoRA, PiSSA/OLoRA init), with PEFT's semantics and file format.
+
+Math (Hu et al. 2021, https://arxiv.org/abs/2106.09685), per targeted linear `W` [out, in]:
+
+    y = x W^T + b + s * (dropout(x) A^T) B^T,   A [r, in], B [out, r],
+    s = lora_alpha / r   (or lora_alpha / sqrt(r) with rsLoRA, Kalajdzievski 2023)
+
+W + s B A is never formed in the forward pass. DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353)
+adds a magnitude m [out]: y = b + (m / ||W + s B A||_row) * ((W + s B A) x), the norm taken without
+gradient. PiSSA/OLoRA start A, B from an SVD/QR of W and train on the residual W - s B0 A0; jpeft keeps
+W as it is and carries B0, A0 as frozen state, which is the same function of x and leaves the base
+params untouched. Embedding tables get `lora_embedding_A` [r, vocab] and `lora_embedding_B` [dim, r].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import targeting
+from jpeft import tree as jtree
+from jpeft.adapter import Adapter, Method, register_method
+from jpeft.config import PeftConfig, register_config
+from jpeft.methods.lora_ops import lora_embed, lora_linear
+
+A_KEY, B_KEY, MAG_KEY = "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"
+EMB_A_KEY, EMB_B_KEY = "lora_embedding_A", "lora_embedding_B"
+
+RESIDUAL_INITS = ("pissa", "olora")
+SIMPLE_INITS = (True, False, "gaussian")
+
+
+@register_config("LORA")
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(PeftConfig):
+    """PEFT's `LoraConfig`: same field names, defaults and JSON."""
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: Any = None
+    exclude_modules: Any = None
+    bias: str = "none"
+    fan_in_fan_out: bool = False
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: Any = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: Any = None
+    layers_pattern: Any = None
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    megatron_core: str = "megatron.core"
+    loftq_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    qalora_group_size: int = 16
+
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {
+        "lora_bias": False,
+        "use_qalora": False,
+        "ensure_weight_tying": False,
+        "alora_invocation_tokens": None,
+        "arrow_config": None,
+        "corda_config": None,
+        "eva_config": None,
+        "kasa_config": None,
+        "layer_replication": None,
+        "lora_ga_config": None,
+        "megatron_config": None,
+        "monteclora_config": None,
+        "target_parameters": None,
+        "trainable_token_indices": None,
+        "use_bdlora": None,
+        "velora_config": None,
+    }
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive integer, got r={self.r!r}")
+        for key, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be > 0, got {rank!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(
+                f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"
+            )
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` needs `layers_to_transform` as well.")
+        init = self.init_lora_weights
+        if not (init in SIMPLE_INITS or init in RESIDUAL_INITS or _pissa_niter(init) is not None):
+            raise ValueError(
+                f"LoraConfig.init_lora_weights={init!r} is not supported by jpeft; use True, False, "
+                "'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora'"
+            )
+
+    @property
+    def has_residual_init(self) -> bool:
+        """PiSSA/OLoRA: the adapter starts from a decomposition of W and trains on the residual."""
+        return self.init_lora_weights in RESIDUAL_INITS or _pissa_niter(self.init_lora_weights)
+
+    def rank_for(self, module_name: str) -> int:
+        return targeting.pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return targeting.pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        rank, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def _pissa_niter(init: Any) -> int | None:
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        suffix = init[len("pissa_niter_") :]
+        return int(suffix) if suffix.isdigit() else None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the adapted-weight nodes
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraWeight:
+    """A linear weight with LoRA: leaves may carry a leading stacked-layer axis.
+
+    base [out, in]; lora_A [r, in]; lora_B [out, r]; scaling []; magnitude [out] (DoRA);
+    init_A / init_B [r, in] / [out, r] (PiSSA/OLoRA frozen start); active [] bool (stacked
+    layers the adapter covers); dropout_key: a PRNG key when dropout is on.
+    """
+
+    base: jax.Array
+    lora_A: jax.Array
+    lora_B: jax.Array
+    scaling: jax.Array
+    magnitude: jax.Array | None = None
+    init_A: jax.Array | None = None
+    init_B: jax.Array | None = None
+    active: jax.Array | None = None
+    dropout_key: jax.Array | None = None
+    dropout_rate: float = 0.0
+
+    def linear(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
+        """`x` [..., in] -> [..., out]."""
+        return lora_linear(x, self, bias)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        raise TypeError("a LoRA linear weight was used as an embedding table")
+
+    def delta(self) -> jax.Array:
+        """s (B A - B0 A0): [..., out, in]."""
+        delta = jnp.einsum("...or,...ri->...oi", self.lora_B, self.lora_A)
+        if self.init_A is not None:
+            delta = delta - jnp.einsum("...or,...ri->...oi", self.init_B, self.init_A)
+        return delta * jnp.asarray(self.scaling)[..., None, None]
+
+    def merged_weight(self) -> jax.Array:
+        weight = self.base.astype(jnp.float32) + self.delta()
+        if self.magnitude is not None:
+            norm = jnp.linalg.norm(weight, axis=-1)
+            factor = self.magnitude / norm
+            if self.active is not None:
+                factor = jnp.where(self.active[..., None], factor, 1.0)
+            weight = weight * factor[..., None]
+        return weight.astype(self.base.dtype)
+
+    def unmerged_weight(self) -> jax.Array:
+        if self.magnitude is not None:
+            raise ValueError(
+                "DoRA merges are not invertible without the weight norm PEFT caches in its layer; "
+                "keep the original params instead of unmerging"
+            )
+        return (self.base.astype(jnp.float32) - self.delta()).astype(self.base.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraEmbedding:
+    """An embedding table [vocab, dim] with LoRA: lora_embedding_A [r, vocab], _B [dim, r]."""
+
+    base: jax.Array
+    lora_A: jax.Array
+    lora_B: jax.Array
+    scaling: jax.Array
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        """`ids` [...] -> [..., dim]."""
+        return lora_embed(ids, self)
+
+    def linear(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
+        """A tied output head reads the frozen table, as in PEFT (the delta is input-side only)."""
+        from jpeft.ops import dense
+
+        return dense(x, self.base, bias)
+
+    def merged_weight(self) -> jax.Array:
+        delta = jnp.einsum("...dr,...rv->...vd", self.lora_B, self.lora_A)
+        delta = delta * jnp.asarray(self.scaling)[..., None, None]
+        return (self.base.astype(jnp.float32) + delta).astype(self.base.dtype)
+
+    def unmerged_weight(self) -> jax.Array:
+        delta = jnp.einsum("...dr,...rv->...vd", self.lora_B, self.lora_A)
+        delta = delta * jnp.asarray(self.scaling)[..., None, None]
+        return (self.base.astype(jnp.float32) - delta).astype(self.base.dtype)
+
+
+jax.tree_util.register_dataclass(
+    LoraWeight,
+    data_fields=[
+        "base",
+        "lora_A",
+        "lora_B",
+        "scaling",
+        "magnitude",
+        "init_A",
+        "init_B",
+        "active",
+        "dropout_key",
+    ],
+    meta_fields=["dropout_rate"],
+)
+jax.tree_util.register_dataclass(
+    LoraEmbedding, data_fields=["base", "lora_A", "lora_B", "scaling"], meta_fields=[]
+)
+
+
+def make_node(base, pieces, frozen, constants, active, dropout_key, config: LoraConfig):
+    """The adapted weight for one (possibly stacked) module; see `jpeft.adapter.Method`."""
+    scaling = constants.get("scaling", jnp.float32(0.0))
+    if EMB_A_KEY in pieces:
+        return LoraEmbedding(base, pieces[EMB_A_KEY], pieces[EMB_B_KEY], scaling)
+    use_dropout = config.lora_dropout > 0 and dropout_key is not None
+    return LoraWeight(
+        base=base,
+        lora_A=pieces[A_KEY],
+        lora_B=pieces[B_KEY],
+        scaling=scaling,
+        magnitude=pieces.get(MAG_KEY),
+        init_A=frozen.get(A_KEY),
+        init_B=frozen.get(B_KEY),
+        active=active if MAG_KEY in pieces else None,
+        dropout_key=dropout_key if use_dropout else None,
+        dropout_rate=config.lora_dropout if use_dropout else 0.0,
+    )
+
+
+def check_shapes(config: LoraConfig, name: str, base_shape: tuple, pieces) -> None:
+    """ValueError naming the module and both shapes when an adapter does not fit its weight."""
+    out_dim, in_dim = base_shape
+    if EMB_A_KEY in pieces:
+        expected = {EMB_A_KEY: (None, out_dim), EMB_B_KEY: (in_dim, None)}
+    else:
+        expected = {A_KEY: (None, in_dim), B_KEY: (out_dim, None), MAG_KEY: (out_dim,)}
+    for piece, want in expected.items():
+        if piece not in pieces:
+            continue
+        got = tuple(np.shape(pieces[piece]))
+        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
+            shown = tuple("r" if w is None else w for w in want)
+            raise ValueError(
+                f"{name}.{piece} has shape {got}, but the model's weight {name}.weight has shape "
+                f"{tuple(base_shape)}, which needs {piece} of shape {shown}; was the adapter "
+                "trained on another model?"
+            )
+    a, b = (EMB_A_KEY, EMB_B_KEY) if EMB_A_KEY in pieces else (A_KEY, B_KEY)
+    if a in pieces and b in pieces and np.shape(pieces[a])[0] != np.shape(pieces[b])[1]:
+        raise ValueError(
+            f"{name}: {a} has rank {np.shape(pieces[a])[0]} but {b} has rank "
+            f"{np.shape(pieces[b])[1]}"
+        )
+
+
+def module_constants(config: LoraConfig, name: str, pieces) -> dict[str, float]:
+    return {"scaling": config.scaling_for(name)}
+
+
+# ---------------------------------------------------------------------------------------------
+# init
+
+
+def _kaiming_uniform(key, shape, fan_in: int) -> jax.Array:
+    """torch's kaiming_uniform_(a=sqrt(5)) as nn.Linear uses it: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def _init_linear(config: LoraConfig, name: str, weight, key) -> tuple[dict, dict]:
+    """LoRA pieces (and frozen start, for PiSSA/OLoRA) for one linear weight [out, in]."""
+    out_dim, in_dim = weight.shape
+    rank, scaling = config.rank_for(name), config.scaling_for(name)
+    key_a, key_b = jax.random.split(key)
+    init = config.init_lora_weights
+    frozen = {}
+    if init is True:
+        lora_a = _kaiming_uniform(key_a, (rank, in_dim), in_dim)
+        lora_b = jnp.zeros((out_dim, rank), jnp.float32)
+    elif init == "gaussian":
+        lora_a = jax.random.normal(key_a, (rank, in_dim), jnp.float32) / rank
+        lora_b = jnp.zeros((out_dim, rank), jnp.float32)
+    elif init is False:
+        lora_a = _kaiming_uniform(key_a, (rank, in_dim), in_dim)
+        lora_b = _kaiming_uniform(key_b, (out_dim, rank), rank)
+    else:
+        lora_a, lora_b = _decomposition_init(config, weight, rank, scaling, key_a)
+        frozen = {A_KEY: lora_a, B_KEY: lora_b}
+    pieces = {A_KEY: lora_a, B_KEY: lora_b}
+    if config.use_dora:
+        w = jnp.asarray(weight, jnp.float32)
+        pieces[MAG_KEY] = jnp.linalg.norm(w + scaling * (lora_b @ lora_a), axis=1)
+    return pieces, frozen
+
+
+def _decomposition_init(config: LoraConfig, weight, rank: int, scaling: float, key):
+    """PiSSA (principal singular vectors) or OLoRA (QR) factors with s B A = top part of W."""
+    w = jnp.asarray(weight, jnp.float32)
+    if config.init_lora_weights == "olora":
+        q, r = jnp.linalg.qr(w)
+        return r[:rank], q[:, :rank]
+    niter = _pissa_niter(config.init_lora_weights)
+    if niter is None:
+        u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+    else:
+        u, s, vh = _randomized_svd(w, rank, niter, key)
+    root = jnp.sqrt(s[:rank] / scaling)
+    return root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
+
+
+def _randomized_svd(w: jax.Array, rank: int, niter: int, key) -> tuple[jax.Array, ...]:
+    """Halko et al.'s subspace iteration, as torch.svd_lowrank (q = rank + 6 oversampling)."""
+    q = min(rank + 6, *w.shape)
+    basis, _ = jnp.linalg.qr(w @ jax.random.normal(key, (w.shape[1], q), w.dtype))
+    for _ in range(niter):
+        basis, _ = jnp.linalg.qr(w.T @ basis)
+        basis, _ = jnp.linalg.qr(w @ basis)
+    u_small, s, vh = jnp.linalg.svd(basis.T @ w, full_matrices=False)
+    return basis @ u_small, s, vh
+
+
+def frozen_start(params, config: LoraConfig, module_names: list[str]) -> dict:
+    """PiSSA/OLoRA's starting factors {module: {A, B}} from the base weights, as PEFT recomputes
+    them when it loads such an adapter."""
+    frozen = {}
+    for name in module_names:
+        tree_path, layer = jtree.hf_param_path(params, f"{name}.weight")
+        base = jtree.get_path(params, tree_path)
+        weight = base if layer is None else base[layer]
+        lora_a, lora_b = _decomposition_init(
+            config, weight, config.rank_for(name), config.scaling_for(name), jax.random.key(0)
+        )
+        frozen[name] = {A_KEY: lora_a.astype(weight.dtype), B_KEY: lora_b.astype(weight.dtype)}
+    return frozen
+
+
+def _init_embedding(config: LoraConfig, name: str, table, key) -> dict:
+    vocab, dim = table.shape
+    rank = config.rank_for(name)
+    key_a, key_b = jax.random.split(key)
+    if config.use_dora:
+        raise ValueError(f"{name}: DoRA on embedding layers is not supported by jpeft")
+    if config.init_lora_weights is False:
+        lora_a = jax.random.normal(key_a, (rank, vocab), jnp.float32)
+    else:
+        lora_a = jnp.zeros((rank, vocab), jnp.float32)
+    return {EMB_A_KEY: lora_a, EMB_B_KEY: jax.random.normal(key_b, (dim, rank), jnp.float32)}
+
+
+def init_adapter(params, config: LoraConfig, key, model=None) -> Adapter:
+    """Targets resolved by PEFT's rules; pieces initialised as `init_lora_weights` says."""
+    if config.fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out=True has no effect: jpeft weights are [out, in] like nn.Linear "
+            "(PEFT resets it to False for nn.Linear too)",
+            stacklevel=3,
+        )
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = targeting.resolve_targets(params, config, model_type)
+    weights, frozen = {}, {}
+    for index, ref in enumerate(targets):
+        base = jtree.get_path(params, f"{ref.tree_path}.weight")
+        weight = base if ref.layer is None else base[ref.layer]
+        module_key = jax.random.fold_in(key, index)
+        if ref.kind == "embedding":
+            if config.has_residual_init:
+                raise ValueError(f"{ref.name}: {config.init_lora_weights} init needs a linear layer")
+            weights[ref.name] = _init_embedding(config, ref.name, weight, module_key)
+            continue
+        pieces, start = _init_linear(config, ref.name, weight, module_key)
+        weights[ref.name] = {k: v.astype(weight.dtype) for k, v in pieces.items()}
+        if start:
+            frozen[ref.name] = {k: v.astype(weight.dtype) for k, v in start.items()}
+    overrides = _trainable_base_leaves(params, config, [ref.name for ref in targets])
+    return Adapter(config, weights, overrides, frozen)
+
+
+def _trainable_base_leaves(params, config: LoraConfig, target_names: list[str]) -> dict:
+    """Copies of the base leaves LoRA trains besides its factors: modules_to_save and biases."""
+    names = list(targeting.resolve_modules_to_save(params, config.modules_to_save or ()))
+    if config.bias == "all":
+        names += [n for n in jtree.hf_leaf_names(params) if n.endswith(".bias")]
+    elif config.bias == "lora_only":
+        leaves = set(jtree.hf_leaf_names(params))
+        names += [f"{t}.bias" for t in target_names if f"{t}.bias" in leaves]
+    overrides = {}
+    for name in dict.fromkeys(names):
+        tree_path, layer = jtree.hf_param_path(params, name)
+        leaf = jtree.get_path(params, tree_path)
+        overrides[name] = jnp.array(leaf if layer is None else leaf[layer])
+    return overrides
+
+
+register_method(
+    "LORA",
+    Method(
+        init_adapter=init_adapter,
+        make_node=make_node,
+        module_constants=module_constants,
+        check_shapes=check_shapes,
+    ),
+)

@@ -1,0 +1,260 @@
+"""Hugging Face configs and safetensors checkpoints -> `(LlamaForCausalLM, params)`.
+
+Loading streams: `iter_checkpoint_tensors` yields `(hf_name, np.ndarray)` one tensor at a time
+from memory-mapped safetensors files, and `place_tensors` copies each into preallocated stacked
+numpy buffers (casting to the target dtype), so a per-tensor hook (e.g. quantization) can be put
+between the two. Pickled checkpoints (`pytorch_model.bin`) are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can return it)
+import numpy as np
+from safetensors import safe_open
+
+from jpeft.models.llama import (
+    FULL_ATTENTION,
+    SLIDING_ATTENTION,
+    LlamaForCausalLM,
+    ModelConfig,
+    Params,
+    is_shape,
+    param_shapes,
+)
+from jpeft.models.rope import RopeScaling
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+_REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+
+
+def from_hf_config(hf_config: Any) -> LlamaForCausalLM:
+    """A model from a `transformers` config object or its dict (the contents of config.json)."""
+    return LlamaForCausalLM(config_from_hf(hf_config))
+
+
+def config_from_hf(hf_config: Any) -> ModelConfig:
+    """Translate a `transformers` config (object or dict) into a `ModelConfig`."""
+    d = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    model_type = d.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model_type={model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}"
+        )
+    for arch in d.get("architectures") or ():
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"architecture {arch!r} is not supported; supported: {SUPPORTED_ARCHITECTURES}"
+            )
+    missing = [f for f in _REQUIRED_FIELDS if d.get(f) is None]
+    if missing:
+        raise ValueError(f"{model_type} config is missing required field(s) {missing}")
+    heads = d["num_attention_heads"]
+    qwen2 = model_type == "qwen2"
+    attention_bias = qwen2 or bool(d.get("attention_bias", False))
+    theta, scaling = _rope_from_hf(d)
+    window, layer_types = _attention_layout(d, model_type)
+    return ModelConfig(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        model_type=model_type,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=d.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=attention_bias,
+        o_proj_bias=attention_bias and not qwen2,
+        mlp_bias=model_type == "llama" and bool(d.get("mlp_bias", False)),
+        qk_norm=model_type == "qwen3",
+        sliding_window=window,
+        layer_types=layer_types,
+        hidden_act=d.get("hidden_act", "silu"),
+    )
+
+
+def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    """(`rope_theta`, scaling) from `rope_parameters` (transformers 5) or `rope_scaling`/`rope_theta`."""
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(
+            f"partial_rotary_factor={rope['partial_rotary_factor']} is not supported (only 1.0)"
+        )
+    if rope_type == "default":
+        return theta, None
+    required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+    missing = [k for k in required.get(rope_type, ()) if k not in rope]
+    if missing:
+        raise ValueError(f"rope_type={rope_type!r} needs {missing} in the rope parameters: {rope}")
+    fields = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor") if k in rope}
+    original = rope.get("original_max_position_embeddings", d.get("max_position_embeddings"))
+    if original is not None:
+        fields["original_max_position_embeddings"] = int(original)
+    return theta, RopeScaling(rope_type=rope_type, **fields)
+
+
+def _attention_layout(d: Mapping[str, Any], model_type: str) -> tuple[int | None, tuple[str, ...]]:
+    """(`sliding_window`, per-layer `layer_types`) as transformers builds them for `model_type`.
+
+    Mistral slides every layer when `sliding_window` is set; Qwen2/3 only with
+    `use_sliding_window`, on the layers `layer_types` marks (default: from `max_window_layers` on).
+    An empty `layer_types` lets `ModelConfig` apply one kind to all layers.
+    """
+    window = d.get("sliding_window")
+    if model_type == "mistral":
+        return window, ()
+    if model_type not in ("qwen2", "qwen3") or not d.get("use_sliding_window") or window is None:
+        return None, ()
+    n = d["num_hidden_layers"]
+    first_sliding = d.get("max_window_layers", n)
+    types = d.get("layer_types") or [
+        SLIDING_ATTENTION if i >= first_sliding else FULL_ATTENTION for i in range(n)
+    ]
+    unknown = sorted(set(types) - {FULL_ATTENTION, SLIDING_ATTENTION})
+    if unknown:
+        raise ValueError(f"layer_types has unsupported entries {unknown}")
+    return window, tuple(types)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The parsed `config.json` of checkpoint directory `path`."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in checkpoint directory {str(path)!r}")
+    with open(file) as f:
+        return json.load(f)
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of checkpoint directory `path` (one file, or the shards of an index)."""
+    root = Path(path)
+    if (root / WEIGHTS_FILE).is_file():
+        return [root / WEIGHTS_FILE]
+    index = root / WEIGHTS_INDEX_FILE
+    if index.is_file():
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        absent = [s for s in shards if not (root / s).is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} lists shard(s) {absent} that do not exist")
+        return [root / s for s in shards]
+    if any(root.glob("pytorch_model*.bin")):
+        raise FileNotFoundError(
+            f"{root} has only pickled pytorch_model*.bin weights, which jpeft never unpickles; "
+            "convert them to safetensors, e.g. transformers' "
+            "`save_pretrained(dir, safe_serialization=True)`"
+        )
+    raise FileNotFoundError(f"no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {str(root)!r}")
+
+
+def iter_checkpoint_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield `(hf_name, array)` for every tensor of the checkpoint, one at a time (memory-mapped)."""
+    for file in checkpoint_files(path):
+        with safe_open(file, framework="numpy") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def hf_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], int | None]]:
+    """HF tensor name -> (key path in the param tree, layer index or None if not stacked)."""
+    leaves = jax.tree.flatten_with_path(param_shapes(config), is_leaf=is_shape)[0]
+    names = {}
+    for key_path, _ in leaves:
+        path = tuple(k.key for k in key_path)
+        if path[:2] == ("model", "layers"):
+            for i in range(config.num_hidden_layers):
+                names[".".join(("model", "layers", str(i), *path[2:]))] = (path, i)
+        else:
+            names[".".join(path)] = (path, None)
+    return names
+
+
+def place_tensors(
+    config: ModelConfig,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    dtype: Any = jnp.float32,
+    source: str = "checkpoint",
+) -> Params:
+    """Copy streamed `(hf_name, array)` pairs into the stacked param tree, cast to `dtype`.
+
+    Raises ValueError naming `source` and the tensor on a wrong shape, an unexpected name or
+    missing tensors. `lm_head.weight` is skipped when the config ties embeddings.
+    """
+    np_dtype = np.dtype(dtype)
+    shapes = param_shapes(config)
+    buffers = jax.tree.map(lambda s: np.empty(s, np_dtype), shapes, is_leaf=is_shape)
+    names = hf_names(config)
+    seen, unexpected = set(), []
+    for name, array in tensors:
+        if name not in names:
+            if not _ignorable(config, name):
+                unexpected.append(name)
+            continue
+        path, layer = names[name]
+        buffer = _get(buffers, path)
+        target = buffer if layer is None else buffer[layer]
+        if tuple(array.shape) != target.shape:
+            raise ValueError(
+                f"{source}: tensor {name!r} has shape {tuple(array.shape)}, expected {target.shape} "
+                f"for this {config.model_type} config"
+            )
+        target[...] = array.astype(np_dtype, copy=False)
+        seen.add(name)
+    if unexpected:
+        raise ValueError(
+            f"{source} has {len(unexpected)} tensor(s) this {config.model_type} config does not "
+            f"use, e.g. {unexpected[:5]}"
+        )
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise ValueError(f"{source} is missing {len(missing)} tensor(s), e.g. {missing[:5]}")
+    return jax.tree.map(jnp.asarray, buffers)
+
+
+def from_pretrained(path: str | Path, dtype: Any = jnp.float32) -> tuple[LlamaForCausalLM, Params]:
+    """Load a HF checkpoint directory (config.json + safetensors) as `(model, params)`."""
+    model = from_hf_config(read_config(path))
+    params = place_tensors(model.config, iter_checkpoint_tensors(path), dtype, source=str(path))
+    return model, params
+
+
+def _ignorable(config: ModelConfig, name: str) -> bool:
+    """Checkpoint tensors that are deliberately not loaded (tied head, cached RoPE buffers)."""
+    return (name == "lm_head.weight" and config.tie_word_embeddings) or name.endswith(
+        "rotary_emb.inv_freq"
+    )
+
+
+def _get(tree: Params, path: tuple[str, ...]) -> np.ndarray:
+    """The leaf of nested dict `tree` at key `path`."""
+    for key in path:
+        tree = tree[key]
+    return tree

@@ -1,0 +1,417 @@
+"""Llama-family decoder-only language models: Llama (1/2/3, llama3 RoPE), Mistral, Qwen2, Qwen3.
+
+The params are a plain nested dict keyed by the Hugging Face module paths, weights in HF
+orientation `[out, in]`, except that the decoder layers are stacked on a leading axis under
+`params["model"]["layers"]` so that one layer body runs under `lax.scan`:
+
+    params["model"]["embed_tokens"]["weight"]                     [V, D]
+    params["model"]["layers"]["self_attn"]["q_proj"]["weight"]    [L, H*hd, D]  (+ "bias" [L, H*hd])
+    params["model"]["layers"]["self_attn"]["q_norm"]["weight"]    [L, hd]       (Qwen3)
+    params["model"]["layers"]["mlp"]["gate_proj"]["weight"]       [L, I, D]
+    params["model"]["layers"]["input_layernorm"]["weight"]        [L, D]
+    params["model"]["norm"]["weight"]                             [D]
+    params["lm_head"]["weight"]                                   [V, D]  (absent when tied)
+
+Every projection goes through `ops.linear` and the embedding through `ops.embed`, so a weight
+leaf may be an adapted-weight node (see `jpeft.ops`); the model never looks inside one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jpeft import ops
+from jpeft.models import rope
+from jpeft.models.rope import RopeScaling
+
+Params = dict[str, Any]
+
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+_NO_WINDOW = 1 << 30  # window of a full-attention layer: larger than any sequence
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": partial(jax.nn.gelu, approximate=False),
+    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Static architecture of a Llama-family model (hashable, so it can be a jit static arg).
+
+    `attention_bias` puts a bias on q/k/v_proj, `o_proj_bias` on o_proj (Llama's
+    `attention_bias` sets both; Qwen2 has only the first). `layer_types[i]` is
+    `"sliding_attention"` when layer `i` only attends to the last `sliding_window` tokens.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    model_type: str = "llama"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    hidden_act: str = "silu"
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            kind = FULL_ATTENTION if self.sliding_window is None else SLIDING_ATTENTION
+            object.__setattr__(self, "layer_types", (kind,) * self.num_hidden_layers)
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers="
+                f"{self.num_hidden_layers}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if SLIDING_ATTENTION in self.layer_types and self.sliding_window is None:
+            raise ValueError("layer_types has sliding_attention layers but sliding_window is None")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is not supported; supported: {tuple(ACTIVATIONS)}"
+            )
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """The param tree of `config` with shape tuples as leaves (layers stacked on axis 0)."""
+    c, n = config, config.num_hidden_layers
+    q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+
+    def proj(out: int, inp: int, bias: bool) -> dict[str, tuple[int, ...]]:
+        return {"weight": (n, out, inp), **({"bias": (n, out)} if bias else {})}
+
+    attn = {
+        "q_proj": proj(q_dim, c.hidden_size, c.attention_bias),
+        "k_proj": proj(kv_dim, c.hidden_size, c.attention_bias),
+        "v_proj": proj(kv_dim, c.hidden_size, c.attention_bias),
+        "o_proj": proj(c.hidden_size, q_dim, c.o_proj_bias),
+    }
+    if c.qk_norm:
+        attn["q_norm"] = {"weight": (n, c.head_dim)}
+        attn["k_norm"] = {"weight": (n, c.head_dim)}
+    layers = {
+        "self_attn": attn,
+        "mlp": {
+            "gate_proj": proj(c.intermediate_size, c.hidden_size, c.mlp_bias),
+            "up_proj": proj(c.intermediate_size, c.hidden_size, c.mlp_bias),
+            "down_proj": proj(c.hidden_size, c.intermediate_size, c.mlp_bias),
+        },
+        "input_layernorm": {"weight": (n, c.hidden_size)},
+        "post_attention_layernorm": {"weight": (n, c.hidden_size)},
+    }
+    tree: Params = {
+        "model": {
+            "embed_tokens": {"weight": (c.vocab_size, c.hidden_size)},
+            "layers": layers,
+            "norm": {"weight": (c.hidden_size,)},
+        }
+    }
+    if not c.tie_word_embeddings:
+        tree["lm_head"] = {"weight": (c.vocab_size, c.hidden_size)}
+    return tree
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32 and cast back: `x` [..., d], `weight` [d]."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def attention_mask(q_idx: jax.Array, key_valid: jax.Array, window: jax.Array) -> jax.Array:
+    """Which keys each query sees: `q_idx` [seq] slot of each query, `key_valid` [batch, kv] bool.
+
+    Causal (`kv <= q`), within `window` (`kv > q - window`) and not padding -> [batch, seq, kv].
+    """
+    kv_idx = jnp.arange(key_valid.shape[1])
+    visible = (kv_idx[None, :] <= q_idx[:, None]) & (kv_idx[None, :] > q_idx[:, None] - window)
+    return visible[None] & key_valid[:, None, :]
+
+
+def grouped_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, num_kv_heads: int
+) -> jax.Array:
+    """GQA without repeating kv heads: `q` [B, S, H, hd], `k`/`v` [B, K, T, hd], `mask` [B, S, T].
+
+    Query head `h` reads kv head `h // (H // K)` like transformers' `repeat_kv`. Softmax in
+    float32 -> [B, S, H * hd].
+    """
+    b, s, h, hd = q.shape
+    q = q.reshape(b, s, num_kv_heads, h // num_kv_heads, hd)
+    scores = jnp.einsum("bskgd,bktd->bkgst", q, k) * (hd**-0.5)
+    scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgst,bktd->bskgd", probs, v).reshape(b, s, h * hd)
+
+
+@dataclass(frozen=True)
+class LlamaForCausalLM:
+    """A Llama-family causal LM; the config is static, the params are passed to every call."""
+
+    config: ModelConfig
+
+    def init(self, key: jax.Array, dtype: jnp.dtype = jnp.float32) -> Params:
+        """Random params (normal(0, 0.02) weights, unit norms, zero biases) for tests/benchmarks."""
+        leaves, treedef = jax.tree.flatten_with_path(param_shapes(self.config), is_leaf=is_shape)
+        keys = jax.random.split(key, len(leaves))
+        values = [
+            _init_leaf(k, jax.tree_util.keystr(path), shape, dtype)
+            for k, (path, shape) in zip(keys, leaves, strict=True)
+        ]
+        return jax.tree.unflatten(treedef, values)
+
+    def apply(
+        self,
+        params: Params,
+        input_ids: jax.Array,
+        adapter: Any = None,
+        attention_mask: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """`input_ids` [B, S] int -> logits [B, S, V]; `attention_mask` [B, S] 1 = token, 0 = pad."""
+        params = _inject(params, adapter, dropout_key)
+        return self._head(params, self._hidden(params, input_ids, attention_mask, position_ids))
+
+    def hidden_states(
+        self,
+        params: Params,
+        input_ids: jax.Array,
+        adapter: Any = None,
+        attention_mask: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """`input_ids` [B, S] int -> the final-norm hidden states [B, S, D]."""
+        params = _inject(params, adapter, dropout_key)
+        return self._hidden(params, input_ids, attention_mask, position_ids)
+
+    def logits(self, params: Params, h: jax.Array, adapter: Any = None) -> jax.Array:
+        """The LM head alone: `h` [..., D] -> logits [..., V]."""
+        return self._head(_inject(params, adapter, None), h)
+
+    def generate(
+        self,
+        params: Params,
+        input_ids: jax.Array,
+        max_new_tokens: int,
+        adapter: Any = None,
+        attention_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Greedy decoding with a KV cache: `input_ids` [B, S] -> [B, S + max_new_tokens].
+
+        Left padding in `attention_mask` is handled like transformers' `generate`. The whole
+        loop is one jitted function, cached per model, shapes and `max_new_tokens`.
+        """
+        input_ids = jnp.asarray(input_ids)
+        if max_new_tokens <= 0:
+            return input_ids
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        params = _inject(params, adapter, None)
+        return _generate(self, params, input_ids, jnp.asarray(attention_mask), max_new_tokens)
+
+    def _hidden(
+        self,
+        params: Params,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None,
+        position_ids: jax.Array | None,
+    ) -> jax.Array:
+        """Embeddings -> scanned layers -> final norm, no cache: [B, S] -> [B, S, D]."""
+        batch, seq = input_ids.shape
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+        if attention_mask is None:
+            key_valid = jnp.ones((batch, seq), bool)
+        else:
+            key_valid = attention_mask.astype(bool)
+        x = ops.embed(input_ids, params["model"]["embed_tokens"]["weight"])
+        x, _ = self._decoder(params, x, position_ids, key_valid, None, 0)
+        return x
+
+    def _decoder(
+        self,
+        params: Params,
+        x: jax.Array,
+        position_ids: jax.Array,
+        key_valid: jax.Array,
+        cache: tuple[jax.Array, jax.Array] | None,
+        offset: jax.Array | int,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Run all layers on the embeddings `x` [B, S, D] placed at cache slots `offset + arange(S)`.
+
+        `key_valid` [B, T] marks real tokens among the keys (T = S without a cache, else the cache
+        length); `cache` is `(k, v)`, each [L, B, K, T, hd], or None. Returns the final-norm hidden
+        states [B, S, D] and the updated cache.
+        """
+        c = self.config
+        cos, sin = rope.cos_sin(self._inv_freq(), position_ids, x.dtype)
+        q_idx = offset + jnp.arange(x.shape[1])
+        windows = jnp.array(
+            [c.sliding_window if t == SLIDING_ATTENTION else _NO_WINDOW for t in c.layer_types]
+        )
+
+        def body(x, layer):
+            p, window, kv = layer
+            mask = attention_mask(q_idx, key_valid, window)
+            x, kv = self._layer(p, x, cos, sin, mask, kv, offset)
+            return x, kv
+
+        x, cache = lax.scan(body, x, (params["model"]["layers"], windows, cache))
+        return rms_norm(x, params["model"]["norm"]["weight"], c.rms_norm_eps), cache
+
+    def _layer(
+        self,
+        p: Params,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None,
+        offset: jax.Array | int,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """One pre-norm decoder layer: `x` [B, S, D] -> [B, S, D], plus this layer's cache."""
+        eps = self.config.rms_norm_eps
+        h = rms_norm(x, p["input_layernorm"]["weight"], eps)
+        attn, kv = self._attention(p["self_attn"], h, cos, sin, mask, kv, offset)
+        x = x + attn
+        h = rms_norm(x, p["post_attention_layernorm"]["weight"], eps)
+        return x + self._mlp(p["mlp"], h), kv
+
+    def _attention(
+        self,
+        p: Params,
+        h: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None,
+        offset: jax.Array | int,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Self-attention: `h` [B, S, D] -> [B, S, D]; writes k/v into `kv` ([B, K, T, hd]) if given."""
+        c = self.config
+        batch, seq, _ = h.shape
+        q = _linear(p["q_proj"], h).reshape(batch, seq, c.num_attention_heads, c.head_dim)
+        k = _linear(p["k_proj"], h).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
+        v = _linear(p["v_proj"], h).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
+        if c.qk_norm:
+            q = rms_norm(q, p["q_norm"]["weight"], c.rms_norm_eps)
+            k = rms_norm(k, p["k_norm"]["weight"], c.rms_norm_eps)
+        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        if kv is not None:
+            start = (0, 0, offset, 0)
+            kv = (
+                lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start),
+                lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start),
+            )
+            k, v = kv
+        out = grouped_attention(q, k, v, mask, c.num_key_value_heads)
+        return _linear(p["o_proj"], out), kv
+
+    def _mlp(self, p: Params, h: jax.Array) -> jax.Array:
+        """Gated MLP `down(act(gate(h)) * up(h))`: [B, S, D] -> [B, S, D]."""
+        act = ACTIVATIONS[self.config.hidden_act]
+        return _linear(p["down_proj"], act(_linear(p["gate_proj"], h)) * _linear(p["up_proj"], h))
+
+    def _head(self, params: Params, h: jax.Array) -> jax.Array:
+        """LM head on already-injected params: `h` [..., D] -> [..., V] (tied: embed_tokens)."""
+        if "lm_head" in params:
+            return ops.linear(h, params["lm_head"]["weight"])
+        if not self.config.tie_word_embeddings:
+            raise KeyError("params has no 'lm_head' and the config does not tie word embeddings")
+        return ops.linear(h, params["model"]["embed_tokens"]["weight"])
+
+    def _inv_freq(self) -> np.ndarray:
+        """RoPE inverse frequencies of this config, float32 [head_dim // 2]."""
+        c = self.config
+        return rope.inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+
+
+def _linear(p: Params, x: jax.Array) -> jax.Array:
+    """`ops.linear` with the module dict `p` = {"weight": w, optional "bias": b}."""
+    return ops.linear(x, p["weight"], p.get("bias"))
+
+
+def _inject(params: Params, adapter: Any, dropout_key: jax.Array | None) -> Params:
+    """Params with the adapter's weights swapped in (`jpeft.adapter.inject`), or `params` as is."""
+    if adapter is None:
+        return params
+    from jpeft.adapter import inject
+
+    return inject(params, adapter, dropout_key=dropout_key)
+
+
+def is_shape(x: Any) -> bool:
+    """Leaf test for `param_shapes` trees, whose leaves are shape tuples."""
+    return isinstance(x, tuple)
+
+
+def _init_leaf(key: jax.Array, path: str, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    """Init one leaf from its key path: norms -> ones, biases -> zeros, weights -> N(0, 0.02)."""
+    if "norm" in path:
+        return jnp.ones(shape, dtype)
+    if path.endswith("['bias']"):
+        return jnp.zeros(shape, dtype)
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _generate(
+    model: LlamaForCausalLM,
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    max_new_tokens: int,
+) -> jax.Array:
+    """Prefill then `max_new_tokens - 1` single-token steps: [B, S] -> [B, S + max_new_tokens]."""
+    c = model.config
+    batch, seq = input_ids.shape
+    total = seq + max_new_tokens
+    prompt_valid = attention_mask.astype(bool)
+    positions = jnp.where(prompt_valid, jnp.cumsum(prompt_valid, axis=1) - 1, 0)
+    key_valid = jnp.concatenate([prompt_valid, jnp.ones((batch, max_new_tokens), bool)], axis=1)
+    embed = params["model"]["embed_tokens"]["weight"]
+    x = ops.embed(input_ids, embed)
+    shape = (c.num_hidden_layers, batch, c.num_key_value_heads, total, c.head_dim)
+    cache = (jnp.zeros(shape, x.dtype), jnp.zeros(shape, x.dtype))
+
+    h, cache = model._decoder(params, x, positions, key_valid, cache, 0)
+    first = jnp.argmax(model._head(params, h[:, -1]), axis=-1)
+    tokens = jnp.zeros((batch, max_new_tokens), input_ids.dtype).at[:, 0].set(first)
+
+    def step(t, carry):
+        tokens, cache = carry
+        x = ops.embed(lax.dynamic_slice_in_dim(tokens, t - 1, 1, axis=1), embed)
+        pos = positions[:, -1:] + t
+        h, cache = model._decoder(params, x, pos, key_valid, cache, seq + t - 1)
+        nxt = jnp.argmax(model._head(params, h[:, 0]), axis=-1)
+        return tokens.at[:, t].set(nxt.astype(tokens.dtype)), cache
+
+    tokens, _ = lax.fori_loop(1, max_new_tokens, step, (tokens, cache))
+    return jnp.concatenate([input_ids, tokens], axis=1)

@@ -1,0 +1,157 @@
+"""PEFT's on-disk format, both ways: `adapter_config.json` + `adapter_model.safetensors`.
+
+Saved keys are `base_model.model.<hf module>.<piece>` (`...q_proj.lora_A.weight` [r, in],
+`...lora_B.weight` [out, r], `...lora_magnitude_vector` [out], `...lora_embedding_A` [r, vocab]);
+modules_to_save copies are saved under the module's own name (`base_model.model.lm_head.weight`);
+trainable biases under `<module>.base_layer.bias` for targeted modules, `<module>.bias` otherwise.
+PiSSA/OLoRA adapters are written as the equivalent plain LoRA of rank 2r, as PEFT's
+`path_initial_model_for_weight_conversion` does, so they load on the original base weights.
+Only safetensors and JSON are read; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from jpeft.adapter import Adapter
+from jpeft.config import config_from_dict
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+ADAPTER_PIECES = (
+    "lora_A.weight",
+    "lora_B.weight",
+    "lora_magnitude_vector",
+    "lora_embedding_A",
+    "lora_embedding_B",
+)
+
+
+def save_pretrained(adapter: Adapter, save_directory: str | os.PathLike) -> None:
+    """Write `adapter` in PEFT's layout, loadable by `PeftModel.from_pretrained`."""
+    os.makedirs(save_directory, exist_ok=True)
+    adapter, config = _as_plain_lora(adapter)
+    tensors = {}
+    for module, pieces in adapter.weights.items():
+        for piece, value in pieces.items():
+            tensors[f"{PREFIX}{module}.{piece}"] = _to_numpy(value)
+    for name, value in adapter.overrides.items():
+        tensors[_override_key(name, adapter.weights)] = _to_numpy(value)
+    save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    data = config.to_dict()
+    data["inference_mode"] = True
+    with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+
+
+def _to_numpy(value: jax.Array) -> np.ndarray:
+    array = np.asarray(jax.device_get(value))
+    return np.ascontiguousarray(array)
+
+
+def _override_key(name: str, targeted: Mapping[str, Any]) -> str:
+    module, _, leaf = name.rpartition(".")
+    if leaf == "bias" and module in targeted:
+        return f"{PREFIX}{module}.base_layer.bias"
+    return f"{PREFIX}{name}"
+
+
+def _as_plain_lora(adapter: Adapter):
+    """PiSSA/OLoRA -> plain LoRA: A' = [A; A0], B' = [B, -B0], r and alpha doubled (as PEFT)."""
+    config = adapter.config
+    if not getattr(config, "has_residual_init", False):
+        return adapter, config
+    weights = {}
+    for module, pieces in adapter.weights.items():
+        start = adapter.frozen[module]
+        weights[module] = dict(pieces)
+        weights[module]["lora_A.weight"] = jnp.concatenate(
+            [pieces["lora_A.weight"], start["lora_A.weight"]], axis=0
+        )
+        weights[module]["lora_B.weight"] = jnp.concatenate(
+            [pieces["lora_B.weight"], -start["lora_B.weight"]], axis=1
+        )
+    alpha_factor = 2**0.5 if config.use_rslora else 2
+    config = config.replace(
+        init_lora_weights=True,
+        r=config.r * 2,
+        lora_alpha=config.lora_alpha * alpha_factor,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
+    )
+    return Adapter(config, weights, adapter.overrides), config
+
+
+def load_pretrained(
+    directory: str | os.PathLike, params: Mapping[str, Any] | None = None
+) -> Adapter:
+    """Read an adapter saved by PEFT (or jpeft) from `directory`.
+
+    `params` is needed only for PiSSA/OLoRA adapters saved unconverted: PEFT recomputes their
+    starting factors from the base weights on load, and so does jpeft.
+    """
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: a PEFT adapter directory needs it")
+    try:
+        with open(config_path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON: {err}") from None
+    config = config_from_dict(data, source=config_path)
+    tensors = _read_tensors(directory)
+    weights: dict[str, dict[str, jax.Array]] = {}
+    overrides: dict[str, jax.Array] = {}
+    for key, value in tensors.items():
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        piece = next((p for p in ADAPTER_PIECES if name.endswith("." + p)), None)
+        if piece is not None:
+            weights.setdefault(name[: -len(piece) - 1], {})[piece] = jnp.asarray(value)
+        elif name.endswith(".base_layer.weight"):
+            continue  # PEFT's copy of an embedding table it targets; the base has it already
+        else:
+            overrides[name.replace(".base_layer.", ".")] = jnp.asarray(value)
+    adapter = Adapter(config, weights, overrides)
+    if getattr(config, "has_residual_init", False):
+        adapter = _recompute_start(adapter, params, directory)
+    return adapter
+
+
+def _read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        pickled = os.path.join(directory, "adapter_model.bin")
+        hint = (
+            f"; {pickled} exists but jpeft never unpickles: re-save it with safetensors "
+            "(PEFT: save_pretrained(..., safe_serialization=True))"
+            if os.path.isfile(pickled)
+            else ""
+        )
+        raise FileNotFoundError(f"{path} not found{hint}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); is it truncated?") from None
+
+
+def _recompute_start(adapter: Adapter, params, directory) -> Adapter:
+    from jpeft.methods.lora import frozen_start
+
+    if params is None:
+        raise ValueError(
+            f"{directory}: init_lora_weights={adapter.config.init_lora_weights!r} adapters are "
+            "saved relative to the residual of the base weights; pass params= so jpeft can "
+            "recompute it as PEFT does, or save from PEFT with "
+            "path_initial_model_for_weight_conversion to get a plain LoRA"
+        )
+    return adapter.replace(frozen=frozen_start(params, adapter.config, list(adapter.weights)))

@@ -1,0 +1,137 @@
+"""PEFT's module matching rules, applied to the per-layer HF view of a param tree.
+
+The rules follow `peft.tuners.tuners_utils.check_target_module_exists`:
+- `exclude_modules` wins; a string is `re.fullmatch`ed, a list matches an exact name or a suffix
+  after a dot;
+- modules named in `modules_to_save` are never targeted;
+- a string `target_modules` is `re.fullmatch`ed against the full module name; `"all-linear"` means
+  every linear layer except the output head; a list matches an exact name or a suffix after a dot,
+  and only then are `layers_to_transform` / `layers_pattern` applied;
+- `rank_pattern` / `alpha_pattern` keys match `(.*\\.)?(key)$`, first match in dict order wins.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from jpeft.tree import ModuleRef, hf_leaf_names, hf_modules
+
+ALL_LINEAR = "all-linear"
+OUTPUT_HEAD_NAMES = ("lm_head",)
+
+# PEFT's per-architecture defaults when `target_modules` is None (utils/constants.py).
+DEFAULT_TARGETS = {
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+}
+
+
+def _matches_name_list(names: Sequence[str], key: str) -> bool:
+    return key in names or any(key.endswith(f".{name}") for name in names)
+
+
+def is_excluded(config: Any, key: str) -> bool:
+    """True when `exclude_modules` or `modules_to_save` rule the module out."""
+    exclude = getattr(config, "exclude_modules", None)
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, key):
+                return True
+        elif _matches_name_list(exclude, key):
+            return True
+    for module in getattr(config, "modules_to_save", None) or ():
+        if re.match(rf"(^|.*\.){module}($|\..*)", key):
+            return True
+    return False
+
+
+def layer_index(key: str, layers_pattern: str | Sequence[str] | None) -> int | None:
+    """The layer index PEFT reads from a module name: the first numbered segment."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def matches_target(config: Any, ref: ModuleRef) -> bool:
+    """Whether PEFT would put an adapter on module `ref` for this config."""
+    key = ref.name
+    if is_excluded(config, key):
+        return False
+    targets = config.target_modules
+    if isinstance(targets, str):
+        if targets.lower() == ALL_LINEAR:
+            return ref.kind == "linear" and key.split(".")[-1] not in OUTPUT_HEAD_NAMES
+        return re.fullmatch(targets, key) is not None
+    if not _matches_name_list(targets, key):
+        return False
+    wanted_layers = config.layers_to_transform
+    if wanted_layers is None or (isinstance(wanted_layers, Sequence) and len(wanted_layers) == 0):
+        return True
+    index = layer_index(key, config.layers_pattern)
+    if index is None:
+        return False
+    if isinstance(wanted_layers, int):
+        return index == wanted_layers
+    return index in wanted_layers
+
+
+def pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
+    """`rank_pattern` / `alpha_pattern` lookup: the first key matching `(.*\\.)?(key)$`."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def resolve_targets(
+    params: Mapping[str, Any], config: Any, model_type: str | None = None
+) -> list[ModuleRef]:
+    """The modules of `params` that `config` targets, in the per-layer HF view.
+
+    Raises ValueError naming the targets and listing the available module names when nothing
+    matches, as PEFT does.
+    """
+    if config.target_modules is None:
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"target_modules is None and there is no default for model type {model_type!r}; "
+                f"pass target_modules explicitly (defaults exist for {sorted(DEFAULT_TARGETS)})"
+            )
+        config = config.replace(target_modules=DEFAULT_TARGETS[model_type])
+    modules = hf_modules(params)
+    matched = [ref for ref in modules if matches_target(config, ref)]
+    if not matched:
+        short_names = sorted({ref.name.split(".")[-1] for ref in modules})
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no module of the model. "
+            f"Module names available: {short_names} (full names look like {modules[0].name!r})"
+            if modules
+            else f"target_modules={config.target_modules!r}: the params hold no 2-D weight"
+        )
+    return matched
+
+
+def resolve_modules_to_save(params: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+    """HF parameter names of every leaf inside the modules named in `modules_to_save`."""
+    paths = []
+    for path in hf_leaf_names(params):
+        module = path.rsplit(".", 1)[0]
+        if any(re.match(rf"(^|.*\.){name}$", module) for name in names):
+            paths.append(path)
+    if names and not paths:
+        raise ValueError(
+            f"modules_to_save={list(names)!r} matched no module of the model; "
+            f"top-level modules: {sorted(params)}"
+        )
+    return paths
