@@ -238,15 +238,17 @@ def _apply_overrides(params: Mapping[str, Any], overrides: Mapping[str, Array]):
     out = params
     for name, value in overrides.items():
         tree_path, layer = jtree.hf_param_path(params, name)
-        base = _get_leaf(params, tree_path, name)
-        expected = base.shape if layer is None else base.shape[1:]
+        source = _get_leaf(out, jtree.tied_head_source(out, tree_path), name)
+        expected = source.shape if layer is None else source.shape[1:]
         if tuple(value.shape) != tuple(expected):
             raise ValueError(
                 f"adapter override {name!r} has shape {tuple(value.shape)} but the model's "
                 f"parameter has shape {tuple(expected)}"
             )
-        value = value.astype(base.dtype)
-        out = jtree.set_path(out, tree_path, value if layer is None else base.at[layer].set(value))
+        value = value.astype(source.dtype)
+        out = jtree.set_path(
+            out, tree_path, value if layer is None else source.at[layer].set(value)
+        )
     return out
 
 

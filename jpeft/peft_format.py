@@ -141,7 +141,9 @@ def _read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); is it truncated?") from None
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}); is it truncated?"
+        ) from None
 
 
 def _recompute_start(adapter: Adapter, params, directory) -> Adapter:

@@ -124,9 +124,25 @@ def hf_modules(params: Mapping[str, Any]) -> list[ModuleRef]:
     return refs
 
 
+TIED_HEAD, TIED_TABLE = "lm_head.weight", "model.embed_tokens.weight"
+
+
+def tied_head_source(params: Mapping[str, Any], name: str) -> str:
+    """The leaf that holds `name`: the embedding table for the head of a tied-embedding model."""
+    if name == TIED_HEAD and "lm_head" not in params:
+        return TIED_TABLE
+    return name
+
+
 def hf_leaf_names(params: Mapping[str, Any]) -> list[str]:
-    """Every parameter name in the per-layer HF view (`model.layers.3.mlp.up_proj.bias`)."""
+    """Every parameter name in the per-layer HF view (`model.layers.3.mlp.up_proj.bias`).
+
+    A model with tied embeddings lists `lm_head.weight` too: PEFT sees a head module whose weight
+    is shared with the table, and `modules_to_save=["lm_head"]` unties a trainable copy of it.
+    """
     names = []
+    if tied_head_source(params, TIED_HEAD) != TIED_HEAD and TIED_TABLE in flatten(params):
+        names.append(TIED_HEAD)
     for path, leaf in flatten(params).items():
         parts = path.split(".")
         stacked_at = _stacked_position(params, parts)

@@ -110,11 +110,12 @@ def test_logits_match_transformers(loaded):
     assert_logits_close(logits, hf_logits, mask)
 
 
+@pytest.mark.parametrize("loaded", ["llama3_tied"], indirect=True)
 def test_hidden_states_then_logits(loaded):
     _, model, params, hf_logits, _, ids, mask = loaded
-    h = model.hidden_states(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    h = jax.jit(model.hidden_states)(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     assert h.shape == (BATCH, SEQ, model.config.hidden_size)
-    assert_logits_close(model.logits(params, h), hf_logits, mask)
+    assert_logits_close(jax.jit(model.logits)(params, h), hf_logits, mask)
 
 
 def test_generate_matches_transformers(loaded):
@@ -133,8 +134,15 @@ def test_param_layout(loaded):
     assert ("bias" in layers["self_attn"]["q_proj"]) == (case in ("llama", "qwen2"))
     assert ("bias" in layers["self_attn"]["o_proj"]) == (case == "llama")
     assert ("q_norm" in layers["self_attn"]) == (case == "qwen3")
-    init = model.init(jax.random.key(0))
+    init = jax.eval_shape(model.init, jax.random.key(0))
     assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, params)
+
+
+def load_from_torch(hf):
+    """(model, params) straight from a transformers model's state dict (no files)."""
+    model = models.from_hf_config(hf.config)
+    state = ((name, t.numpy()) for name, t in hf.state_dict().items())
+    return model, models.place_tensors(model.config, state)
 
 
 def test_explicit_position_ids():
@@ -147,11 +155,8 @@ def test_explicit_position_ids():
             attention_mask=torch.tensor(mask),
             position_ids=torch.tensor(positions),
         ).logits.numpy()
-    model = models.from_hf_config(hf.config)
-    params = models.place_tensors(
-        model.config, ((k, v.numpy()) for k, v in hf.state_dict().items())
-    )
-    logits = model.apply(
+    model, params = load_from_torch(hf)
+    logits = jax.jit(model.apply)(
         params, jnp.asarray(ids), attention_mask=jnp.asarray(mask), position_ids=positions
     )
     assert_logits_close(logits, hf_logits, mask)
@@ -174,26 +179,27 @@ class LowRankDelta:
 
 
 def test_adapted_weight_nodes_pass_through_scan():
-    model = models.from_hf_config({**SMALL, "model_type": "llama", "num_hidden_layers": 3})
-    params = model.init(jax.random.key(0))
-    keys = iter(jax.random.split(jax.random.key(1), 4))
+    """A weight leaf may be a pytree node with stacked leaves; scan hands it over per layer."""
+    model, params = load_from_torch(build_hf_model("llama"))
+    rng = np.random.default_rng(1)
     adapted, merged = jax.tree.map(lambda x: x, params), jax.tree.map(lambda x: x, params)
-    for tree_adapted, tree_merged, (shape_a, shape_b) in [
-        (
-            adapted["model"]["layers"]["mlp"]["down_proj"],
-            merged["model"]["layers"]["mlp"]["down_proj"],
-            ((3, 2, 96), (3, 64, 2)),
-        ),
-        (adapted["lm_head"], merged["lm_head"], ((2, 64), (128, 2))),
-    ]:
-        a = jax.random.normal(next(keys), shape_a)
-        b = jax.random.normal(next(keys), shape_b)
-        w = tree_adapted["weight"]
-        tree_adapted["weight"] = LowRankDelta(w, a, b)
-        tree_merged["weight"] = w + b @ a
+    c = model.config
+    layers, rank = c.num_hidden_layers, 2
+    targets = [
+        (("model", "layers", "mlp", "down_proj"), (layers, rank, 96), (layers, 64, rank)),
+        (("lm_head",), (rank, 64), (c.vocab_size, rank)),
+    ]
+    for path, shape_a, shape_b in targets:
+        a, b = rng.normal(size=shape_a), rng.normal(size=shape_b)
+        module_adapted, module_merged = adapted, merged
+        for key in path:
+            module_adapted, module_merged = module_adapted[key], module_merged[key]
+        w = module_adapted["weight"]
+        module_adapted["weight"] = LowRankDelta(w, jnp.asarray(a, w.dtype), jnp.asarray(b, w.dtype))
+        module_merged["weight"] = w + jnp.asarray(b @ a, w.dtype)
     ids, mask = make_inputs(model.config.vocab_size)
     ours = jax.jit(model.apply)(adapted, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-    ref = model.apply(merged, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    ref = jax.jit(model.apply)(merged, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-4, rtol=1e-4)
 
 

@@ -392,7 +392,9 @@ def init_adapter(params, config: LoraConfig, key, model=None) -> Adapter:
         module_key = jax.random.fold_in(key, index)
         if ref.kind == "embedding":
             if config.has_residual_init:
-                raise ValueError(f"{ref.name}: {config.init_lora_weights} init needs a linear layer")
+                raise ValueError(
+                    f"{ref.name}: {config.init_lora_weights} init needs a linear layer"
+                )
             weights[ref.name] = _init_embedding(config, ref.name, weight, module_key)
             continue
         pieces, start = _init_linear(config, ref.name, weight, module_key)
@@ -414,7 +416,7 @@ def _trainable_base_leaves(params, config: LoraConfig, target_names: list[str]) 
     overrides = {}
     for name in dict.fromkeys(names):
         tree_path, layer = jtree.hf_param_path(params, name)
-        leaf = jtree.get_path(params, tree_path)
+        leaf = jtree.get_path(params, jtree.tied_head_source(params, tree_path))
         overrides[name] = jnp.array(leaf if layer is None else leaf[layer])
     return overrides
 

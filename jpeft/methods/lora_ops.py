@@ -48,7 +48,9 @@ def _factored_lora_bwd(residuals, grad_out):
     xd, hidden, base, lora_a, lora_b, scaling = residuals
     rows = grad_out.reshape(-1, grad_out.shape[-1])
     grad_hidden = _matmul_last(grad_out, lora_b.T) * scaling  # [..., r]
-    grad_x = lax.dot_general(grad_out, base.astype(grad_out.dtype), (((grad_out.ndim - 1,), (0,)), ((), ())))
+    grad_x = lax.dot_general(
+        grad_out, base.astype(grad_out.dtype), (((grad_out.ndim - 1,), (0,)), ((), ()))
+    )
     grad_xd = _matmul_last(grad_hidden, lora_a.T)
     grad_b = (rows.T @ hidden.reshape(-1, hidden.shape[-1])) * scaling
     grad_a = grad_hidden.reshape(-1, grad_hidden.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])

@@ -100,7 +100,7 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
 
 
 def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
-    """(`rope_theta`, scaling) from `rope_parameters` (transformers 5) or `rope_scaling`/`rope_theta`."""
+    """(`rope_theta`, scaling) from `rope_parameters` (transformers 5) or `rope_scaling`."""
     rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
     theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -154,7 +154,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
-    """The safetensors files of checkpoint directory `path` (one file, or the shards of an index)."""
+    """The safetensors files of checkpoint directory `path`: one file, or the indexed shards."""
     root = Path(path)
     if (root / WEIGHTS_FILE).is_file():
         return [root / WEIGHTS_FILE]
@@ -176,7 +176,7 @@ def checkpoint_files(path: str | Path) -> list[Path]:
 
 
 def iter_checkpoint_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield `(hf_name, array)` for every tensor of the checkpoint, one at a time (memory-mapped)."""
+    """Yield `(hf_name, array)` for each tensor of the checkpoint, one at a time (mmapped)."""
     for file in checkpoint_files(path):
         with safe_open(file, framework="numpy") as f:
             for name in f.keys():
@@ -223,8 +223,8 @@ def place_tensors(
         target = buffer if layer is None else buffer[layer]
         if tuple(array.shape) != target.shape:
             raise ValueError(
-                f"{source}: tensor {name!r} has shape {tuple(array.shape)}, expected {target.shape} "
-                f"for this {config.model_type} config"
+                f"{source}: tensor {name!r} has shape {tuple(array.shape)}, expected "
+                f"{target.shape} for this {config.model_type} config"
             )
         target[...] = array.astype(np_dtype, copy=False)
         seen.add(name)

@@ -176,13 +176,7 @@ class LlamaForCausalLM:
 
     def init(self, key: jax.Array, dtype: jnp.dtype = jnp.float32) -> Params:
         """Random params (normal(0, 0.02) weights, unit norms, zero biases) for tests/benchmarks."""
-        leaves, treedef = jax.tree.flatten_with_path(param_shapes(self.config), is_leaf=is_shape)
-        keys = jax.random.split(key, len(leaves))
-        values = [
-            _init_leaf(k, jax.tree_util.keystr(path), shape, dtype)
-            for k, (path, shape) in zip(keys, leaves, strict=True)
-        ]
-        return jax.tree.unflatten(treedef, values)
+        return _init_params(self.config, key, jnp.dtype(dtype))
 
     def apply(
         self,
@@ -193,7 +187,7 @@ class LlamaForCausalLM:
         dropout_key: jax.Array | None = None,
         position_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """`input_ids` [B, S] int -> logits [B, S, V]; `attention_mask` [B, S] 1 = token, 0 = pad."""
+        """`input_ids` [B, S] int -> logits [B, S, V]; `attention_mask` [B, S]: 1 token, 0 pad."""
         params = _inject(params, adapter, dropout_key)
         return self._head(params, self._hidden(params, input_ids, attention_mask, position_ids))
 
@@ -263,7 +257,7 @@ class LlamaForCausalLM:
         cache: tuple[jax.Array, jax.Array] | None,
         offset: jax.Array | int,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Run all layers on the embeddings `x` [B, S, D] placed at cache slots `offset + arange(S)`.
+        """Run all layers on embeddings `x` [B, S, D] placed at cache slots `offset + arange(S)`.
 
         `key_valid` [B, T] marks real tokens among the keys (T = S without a cache, else the cache
         length); `cache` is `(k, v)`, each [L, B, K, T, hd], or None. Returns the final-norm hidden
@@ -313,7 +307,7 @@ class LlamaForCausalLM:
         kv: tuple[jax.Array, jax.Array] | None,
         offset: jax.Array | int,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Self-attention: `h` [B, S, D] -> [B, S, D]; writes k/v into `kv` ([B, K, T, hd]) if given."""
+        """Self-attention `h` [B, S, D] -> [B, S, D]; writes k/v into the cache `kv` if given."""
         c = self.config
         batch, seq, _ = h.shape
         q = _linear(p["q_proj"], h).reshape(batch, seq, c.num_attention_heads, c.head_dim)
@@ -370,6 +364,18 @@ def _inject(params: Params, adapter: Any, dropout_key: jax.Array | None) -> Para
 def is_shape(x: Any) -> bool:
     """Leaf test for `param_shapes` trees, whose leaves are shape tuples."""
     return isinstance(x, tuple)
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def _init_params(config: ModelConfig, key: jax.Array, dtype: jnp.dtype) -> Params:
+    """All params of `config` at once (one compilation), see `LlamaForCausalLM.init`."""
+    leaves, treedef = jax.tree.flatten_with_path(param_shapes(config), is_leaf=is_shape)
+    keys = jax.random.split(key, len(leaves))
+    values = [
+        _init_leaf(k, jax.tree_util.keystr(path), shape, dtype)
+        for k, (path, shape) in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, values)
 
 
 def _init_leaf(key: jax.Array, path: str, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:

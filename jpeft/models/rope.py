@@ -51,7 +51,7 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
 
 
 def _llama3_frequencies(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
-    """Llama 3.1 scaling: long wavelengths divided by `factor`, short ones kept, a smooth mix between."""
+    """Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth mix between."""
     old_len = s.original_max_position_embeddings
     low_freq_wavelen = old_len / s.low_freq_factor
     high_freq_wavelen = old_len / s.high_freq_factor
@@ -73,7 +73,7 @@ def cos_sin(
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate `x` [batch, seq, heads, head_dim] by `cos`/`sin` [batch, seq, head_dim] (rotate-half)."""
+    """Rotate `x` [batch, seq, heads, head_dim] by `cos`/`sin` [batch, seq, head_dim]."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
