@@ -2,10 +2,10 @@
 
 An adapter stores its arrays the way PEFT names them, per Hugging Face module:
 
-    adapter.weights   {"model.layers.0.self_attn.q_proj": {"lora_A.weight": [r, in], ...}}
-    adapter.overrides {"lm_head.weight": [vocab, dim], "model.layers.0.self_attn.q_proj.bias": [out]}
-    adapter.frozen    {module: {piece: array}}   non-trainable adapter state (PiSSA's initial factors)
-    adapter.config    the method's config: static, hashable
+    adapter.weights    {"model.layers.0.self_attn.q_proj": {"lora_A.weight": [r, in], ...}}
+    adapter.overrides  {"lm_head.weight": [vocab, dim], "model.layers.0.mlp.up_proj.bias": [out]}
+    adapter.frozen     {module: {piece: array}}: non-trainable state (PiSSA's initial factors)
+    adapter.config     the method's config: static, hashable
 
 `weights` and `overrides` are trainable; `overrides` replace base leaves (PEFT's `modules_to_save`
 copies and trainable biases). `inject(params, adapter)` turns this into the model's layout: for a
@@ -68,7 +68,7 @@ def method_for(config: PeftConfig) -> Method:
 
 @jax.tree_util.register_pytree_with_keys_class
 class Adapter:
-    """A PEFT adapter as a pytree: trainable `weights` and `overrides`, `frozen` state, static config."""
+    """A PEFT adapter as a pytree: trainable `weights` and `overrides`, `frozen` state, config."""
 
     def __init__(
         self,
@@ -129,7 +129,7 @@ def partition(tree: Any, keep: Callable[[str, Any], bool] = is_trainable) -> tup
 def init_adapter(
     params: Mapping[str, Any], config: PeftConfig, *, key: Array, model: Any = None
 ) -> Adapter:
-    """A fresh adapter for `params` ([L, ...]-stacked or per-layer HF trees) as PEFT initialises it."""
+    """A fresh adapter for `params` (stacked or per-layer HF trees), initialised as PEFT does."""
     return method_for(config).init_adapter(params, config, key, model)
 
 

@@ -5,8 +5,8 @@ The rules follow `peft.tuners.tuners_utils.check_target_module_exists`:
   after a dot;
 - modules named in `modules_to_save` are never targeted;
 - a string `target_modules` is `re.fullmatch`ed against the full module name; `"all-linear"` means
-  every linear layer except the output head; a list matches an exact name or a suffix after a dot,
-  and only then are `layers_to_transform` / `layers_pattern` applied;
+  every linear layer except the output head; a list matches an exact name, or a suffix after a
+  dot, and only such suffix matches are filtered by `layers_to_transform` / `layers_pattern`;
 - `rank_pattern` / `alpha_pattern` keys match `(.*\\.)?(key)$`, first match in dict order wins.
 """
 
@@ -73,7 +73,9 @@ def matches_target(config: Any, ref: ModuleRef) -> bool:
         if targets.lower() == ALL_LINEAR:
             return ref.kind == "linear" and key.split(".")[-1] not in OUTPUT_HEAD_NAMES
         return re.fullmatch(targets, key) is not None
-    if not _matches_name_list(targets, key):
+    if key in targets:
+        return True  # PEFT applies layers_to_transform to suffix matches only
+    if not any(key.endswith(f".{name}") for name in targets):
         return False
     wanted_layers = config.layers_to_transform
     if wanted_layers is None or (isinstance(wanted_layers, Sequence) and len(wanted_layers) == 0):
@@ -112,12 +114,14 @@ def resolve_targets(
     modules = hf_modules(params)
     matched = [ref for ref in modules if matches_target(config, ref)]
     if not matched:
+        targets = config.target_modules
+        shown = list(targets) if isinstance(targets, tuple) else targets
         short_names = sorted({ref.name.split(".")[-1] for ref in modules})
+        example = modules[-1].name if modules else None
         raise ValueError(
-            f"target_modules={config.target_modules!r} matched no module of the model. "
-            f"Module names available: {short_names} (full names look like {modules[0].name!r})"
-            if modules
-            else f"target_modules={config.target_modules!r}: the params hold no 2-D weight"
+            f"target_modules={shown!r} matched no module of the model. Module names available: "
+            f"{short_names} (full names look like {example!r}); check exclude_modules, "
+            "layers_to_transform and modules_to_save too"
         )
     return matched
 

@@ -24,7 +24,7 @@ EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "shared
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {dotted path: leaf}. Non-dict values are leaves (arrays or adapted weights)."""
+    """Nested dict -> {dotted path: leaf}; non-dict values (arrays, adapted weights) are leaves."""
     flat = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
@@ -187,7 +187,7 @@ def hf_param_path(params: Mapping[str, Any], hf_name: str) -> tuple[str, int | N
 def partition(tree: Any, keep: Callable[[str, Any], bool]) -> tuple[Any, Any]:
     """Split a pytree in two of the same structure: leaves where `keep(path, leaf)` and the rest.
 
-    `path` is the leaf's key path rendered with dots (`weights.model.layers.0.q_proj.lora_A.weight`).
+    `path` is the leaf's key path with dots (`weights.model.layers.0.q_proj.lora_A.weight`).
     The leaves that go to the other side are replaced by None, so `combine(a, b)` restores the tree
     and `jax.grad` of a function of `a` differentiates only the kept leaves.
     """
@@ -201,7 +201,7 @@ def partition(tree: Any, keep: Callable[[str, Any], bool]) -> tuple[Any, Any]:
 
 
 def combine(*trees: Any) -> Any:
-    """Merge trees made by `partition`: each leaf is taken from the first tree where it is not None."""
+    """Merge trees made by `partition`: each leaf comes from the first tree where it is not None."""
 
     def first(*leaves):
         return next((leaf for leaf in leaves if leaf is not None), None)

@@ -5,11 +5,12 @@ Math (Hu et al. 2021, https://arxiv.org/abs/2106.09685), per targeted linear `W`
     y = x W^T + b + s * (dropout(x) A^T) B^T,   A [r, in], B [out, r],
     s = lora_alpha / r   (or lora_alpha / sqrt(r) with rsLoRA, Kalajdzievski 2023)
 
-W + s B A is never formed in the forward pass. DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353)
-adds a magnitude m [out]: y = b + (m / ||W + s B A||_row) * ((W + s B A) x), the norm taken without
-gradient. PiSSA/OLoRA start A, B from an SVD/QR of W and train on the residual W - s B0 A0; jpeft keeps
-W as it is and carries B0, A0 as frozen state, which is the same function of x and leaves the base
-params untouched. Embedding tables get `lora_embedding_A` [r, vocab] and `lora_embedding_B` [dim, r].
+W + s B A is never formed in the forward pass. DoRA (Liu et al. 2024,
+https://arxiv.org/abs/2402.09353) adds a magnitude m [out]:
+y = b + (m / ||W + s B A||_row) * ((W + s B A) x), the norm taken without gradient. PiSSA/OLoRA
+start A, B from an SVD/QR of W and train on the residual W - s B0 A0; jpeft keeps W as it is and
+carries B0, A0 as frozen state, which is the same function of x and leaves the base params
+untouched. Embedding tables get `lora_embedding_A` [r, vocab] and `lora_embedding_B` [dim, r].
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ class LoraConfig(PeftConfig):
         init = self.init_lora_weights
         if not (init in SIMPLE_INITS or init in RESIDUAL_INITS or _pissa_niter(init) is not None):
             raise ValueError(
-                f"LoraConfig.init_lora_weights={init!r} is not supported by jpeft; use True, False, "
-                "'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora'"
+                f"LoraConfig.init_lora_weights={init!r} is not supported by jpeft; use True, "
+                "False, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora'"
             )
 
     @property
@@ -266,7 +267,9 @@ def check_shapes(config: LoraConfig, name: str, base_shape: tuple, pieces) -> No
         if piece not in pieces:
             continue
         got = tuple(np.shape(pieces[piece]))
-        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
+        if len(got) != len(want) or any(
+            w is not None and w != g for w, g in zip(want, got, strict=True)
+        ):
             shown = tuple("r" if w is None else w for w in want)
             raise ValueError(
                 f"{name}.{piece} has shape {got}, but the model's weight {name}.weight has shape "
@@ -290,7 +293,7 @@ def module_constants(config: LoraConfig, name: str, pieces) -> dict[str, float]:
 
 
 def _kaiming_uniform(key, shape, fan_in: int) -> jax.Array:
-    """torch's kaiming_uniform_(a=sqrt(5)) as nn.Linear uses it: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    """torch's kaiming_uniform_(a=sqrt(5)), as nn.Linear uses it: U(±1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 

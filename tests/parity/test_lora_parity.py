@@ -105,7 +105,9 @@ def perturb_jax(adapter: jpeft.Adapter) -> jpeft.Adapter:
     trainable, frozen = jpeft.partition(adapter)
     leaves, treedef = jax.tree.flatten(trainable)
     keys = jax.random.split(jax.random.key(3), len(leaves))
-    leaves = [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    leaves = [
+        x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
+    ]
     return jpeft.combine(jax.tree.unflatten(treedef, leaves), frozen)
 
 
