@@ -1,6 +1,6 @@
 """jpeft: parameter-efficient fine-tuning for JAX, interoperable with Hugging Face PEFT."""
 
-from jpeft import models, ops
+from jpeft import models, ops, train
 from jpeft.adapter import (
     Adapter,
     init_adapter,
@@ -31,6 +31,7 @@ __all__ = [
     "optax_mask",
     "partition",
     "save_pretrained",
+    "train",
     "trainable_mask",
     "unmerge",
 ]
