@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import peft
 import pytest
 
 from jpeft import LoraConfig
 from jpeft.config import config_from_dict
-
-peft = pytest.importorskip("peft")
 
 KWARGS = [
     {},

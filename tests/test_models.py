@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from jpeft import models, ops  # noqa: E402
+from jpeft import models, ops
 
 BATCH, SEQ, PAD, NEW_TOKENS = 2, 12, 3, 8
 SMALL = dict(

@@ -5,16 +5,15 @@ from __future__ import annotations
 import re
 
 import jax.numpy as jnp
+import peft
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.other import get_pattern_key
 
 from jpeft import LoraConfig, targeting
 from jpeft import tree as jtree
-
-peft = pytest.importorskip("peft")
-from peft.tuners.tuners_utils import check_target_module_exists  # noqa: E402
-from peft.utils.other import get_pattern_key  # noqa: E402
 
 LEAVES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 PARENTS = ["model.layers", "model.h", "transformer.blocks", "encoder.layer"]

@@ -13,14 +13,13 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
+import torch
+import transformers
 from safetensors.numpy import load_file
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-import jpeft  # noqa: E402
+import jpeft
 
 TOL = 1e-4
 SMALL = dict(
@@ -67,10 +66,20 @@ EXTRA = {
 }
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def base(request, tmp_path_factory):
-    """(family, checkpoint dir, jpeft model, params, input ids) for one family."""
-    family = request.param
+@pytest.fixture(scope="module")
+def base_of(tmp_path_factory):
+    """family -> (checkpoint dir, jpeft model, params, input ids), built once per family."""
+    cache = {}
+
+    def build(family: str):
+        if family not in cache:
+            cache[family] = build_base(family, tmp_path_factory.mktemp(family))
+        return cache[family]
+
+    return build
+
+
+def build_base(family: str, path):
     config_cls, overrides = FAMILIES[family]
     config = getattr(transformers, config_cls)(**{**SMALL, **overrides})
     torch.manual_seed(0)
@@ -79,11 +88,10 @@ def base(request, tmp_path_factory):
         for name, p in hf.named_parameters():
             if name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp(family)
     hf.save_pretrained(path, safe_serialization=True)
     model, params = jpeft.models.from_pretrained(path)
     ids = np.random.default_rng(1).integers(0, SMALL["vocab_size"], (2, 9))
-    return family, path, model, params, ids
+    return path, model, params, ids
 
 
 def load_hf(path):
@@ -120,11 +128,9 @@ def config_kwargs(name: str) -> dict:
     return CONFIGS.get(name) or EXTRA[name]
 
 
-@pytest.mark.parametrize("name", list(CONFIGS) + list(EXTRA))
-def test_peft_adapter_loads_in_jpeft(base, name, tmp_path):
-    family, path, model, params, ids = base
-    if (family, name) not in CASES:
-        pytest.skip("case covered on another family")
+@pytest.mark.parametrize("family, name", CASES)
+def test_peft_adapter_loads_in_jpeft(base_of, family, name, tmp_path):
+    path, model, params, ids = base_of(family)
     peft_model = peft.get_peft_model(load_hf(path), peft.LoraConfig(**config_kwargs(name)))
     perturb_torch(peft_model)
     expected = torch_logits(peft_model.eval(), ids)
@@ -137,11 +143,9 @@ def test_peft_adapter_loads_in_jpeft(base, name, tmp_path):
     np.testing.assert_allclose(merged, expected, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS) + list(EXTRA))
-def test_jpeft_adapter_loads_in_peft(base, name, tmp_path):
-    family, path, model, params, ids = base
-    if (family, name) not in CASES:
-        pytest.skip("case covered on another family")
+@pytest.mark.parametrize("family, name", CASES)
+def test_jpeft_adapter_loads_in_peft(base_of, family, name, tmp_path):
+    path, model, params, ids = base_of(family)
     kwargs = config_kwargs(name)
     adapter = perturb_jax(
         jpeft.init_adapter(params, jpeft.LoraConfig(**kwargs), key=jax.random.key(0))
@@ -166,12 +170,10 @@ def test_jpeft_adapter_loads_in_peft(base, name, tmp_path):
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_residual_inits_match_peft(base, init, tmp_path):
+def test_residual_inits_match_peft(base_of, init, tmp_path):
     """PiSSA/OLoRA: PEFT's unconverted file loads in jpeft (base residual recomputed), and jpeft's
     export is PEFT's converted rank-2r LoRA that loads on the original base weights."""
-    family, path, model, params, ids = base
-    if family != "llama":
-        pytest.skip("one family is enough for the init variants")
+    path, model, params, ids = base_of("llama")
     kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], init_lora_weights=init)
     peft_model = peft.get_peft_model(load_hf(path), peft.LoraConfig(**kwargs))
     perturb_torch(peft_model)
