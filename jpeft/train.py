@@ -24,15 +24,43 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean next-token cross entropy, as transformers computes it.
 
     logits [batch, seq, vocab]; labels [batch, seq] aligned with the inputs (shifted here),
-    IGNORE_INDEX (-100) where no loss is wanted.
+    IGNORE_INDEX (-100) where no loss is wanted. The labels are shifted rather than the logits
+    (the last position gets IGNORE_INDEX), so the [batch, seq, vocab] logits are never sliced.
     """
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
+    ignore = jnp.full_like(labels[:, :1], IGNORE_INDEX)
+    targets = jnp.concatenate([labels[:, 1:], ignore], axis=1)
     valid = targets != IGNORE_INDEX
-    safe = jnp.where(valid, targets, 0)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
-    return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    weights = valid / jnp.maximum(jnp.sum(valid), 1)
+    return _weighted_nll(logits, jnp.where(valid, targets, 0), weights.astype(jnp.float32))
+
+
+@jax.custom_vjp
+def _weighted_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum(weights * -log_softmax(logits)[targets]): logits [B, S, V], targets/weights [B, S].
+
+    Computed as logsumexp - picked logit in float32; the backward is the single elementwise pass
+    weights * (softmax - onehot), with no [B, S, V] log-softmax kept and no scatter.
+    """
+    return _weighted_nll_fwd(logits, targets, weights)[0]
+
+
+def _weighted_nll_fwd(logits, targets, weights):
+    x = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(x, axis=-1)  # [B, S]
+    picked = jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(weights * (lse - picked)), (logits, targets, weights, lse)
+
+
+def _weighted_nll_bwd(residuals, grad):
+    logits, targets, weights, lse = residuals
+    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+    onehot = jnp.arange(logits.shape[-1]) == targets[..., None]
+    grad_logits = (grad * weights)[..., None] * (probs - onehot)
+    # None: labels and their weights get no gradient.
+    return grad_logits.astype(logits.dtype), None, None
+
+
+_weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
 
 
 def trainable_mask(tree: Any, keep: Callable[[str, Any], bool] = is_trainable) -> Any:
@@ -61,8 +89,9 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = causal_lm_loss,
 ) -> Callable:
-    """A jitted `step(params, adapter, opt_state, batch, dropout_key) -> (adapter, opt_state, loss)`.
+    """A jitted train step `step(params, adapter, opt_state, batch, dropout_key)`.
 
+    It returns `(adapter, opt_state, loss)`.
     `batch` holds `input_ids` [batch, seq], `labels` [batch, seq] and optionally `attention_mask`.
     `opt_state` is `optimizer.init(trainable)` with `trainable, _ = jpeft.partition(adapter)`.
     The adapter and optimizer state are donated.

