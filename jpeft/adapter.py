@@ -133,6 +133,29 @@ def init_adapter(
     return method_for(config).init_adapter(params, config, key, model)
 
 
+# Modules that sit after the decoder layers: an adapter there needs no gradient through them.
+OUTPUT_SIDE = ("lm_head", "model.norm")
+
+
+def untouched_layers(params: Mapping[str, Any], adapter: Adapter | None) -> int:
+    """How many leading stacked layers the adapter leaves as they are.
+
+    A model runs those layers without a backward pass: no trainable leaf lies below them.
+    0 for unstacked params, no adapter, or an adapter on the embeddings or inputs.
+    """
+    num_layers = jtree.num_stacked_layers(params)
+    if adapter is None or num_layers is None:
+        return 0
+    first = num_layers
+    for name in [*adapter.weights, *adapter.overrides]:
+        tree_path, layer = jtree.hf_param_path(params, name)
+        if layer is not None:
+            first = min(first, layer)
+        elif not tree_path.startswith(OUTPUT_SIDE):
+            return 0
+    return first
+
+
 # ---------------------------------------------------------------------------------------------
 # inject: the adapter in the model's layout
 

@@ -30,6 +30,8 @@ def finetune_parser(sub) -> None:
         "lora_alpha": "LoRA alpha (scaling alpha / r)",
         "lora_dropout": "dropout on the LoRA branch",
         "target_modules": "module names (comma-separated), a regex, or all-linear",
+        "train_layers": "LoRA on the last N layers only, the layers below run without backward; "
+        "0 = all layers, default: the top 40%",
         "steps": "optimizer steps",
         "batch_size": "examples per step",
         "seq_len": "tokens per example (prompt + answer)",
@@ -42,7 +44,9 @@ def finetune_parser(sub) -> None:
     }
     for field in dataclasses.fields(FinetuneConfig):
         default = getattr(defaults, field.name)
-        kind = type(default) if default is not None else str
+        kind = (
+            int if field.name == "train_layers" else type(default) if default is not None else str
+        )
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             type=kind,

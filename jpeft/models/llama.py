@@ -220,8 +220,10 @@ class LlamaForCausalLM:
         position_ids: jax.Array | None = None,
     ) -> jax.Array:
         """`input_ids` [B, S] int -> logits [B, S, V]; `attention_mask` [B, S]: 1 token, 0 pad."""
+        frozen = _untouched_layers(params, adapter)
         params = _inject(params, adapter, dropout_key)
-        return self._head(params, self._hidden(params, input_ids, attention_mask, position_ids))
+        hidden = self._hidden(params, input_ids, attention_mask, position_ids, frozen)
+        return self._head(params, hidden)
 
     def hidden_states(
         self,
@@ -233,8 +235,9 @@ class LlamaForCausalLM:
         position_ids: jax.Array | None = None,
     ) -> jax.Array:
         """`input_ids` [B, S] int -> the final-norm hidden states [B, S, D]."""
+        frozen = _untouched_layers(params, adapter)
         params = _inject(params, adapter, dropout_key)
-        return self._hidden(params, input_ids, attention_mask, position_ids)
+        return self._hidden(params, input_ids, attention_mask, position_ids, frozen)
 
     def logits(self, params: Params, h: jax.Array, adapter: Any = None) -> jax.Array:
         """The LM head alone: `h` [..., D] -> logits [..., V]."""
@@ -267,8 +270,12 @@ class LlamaForCausalLM:
         input_ids: jax.Array,
         attention_mask: jax.Array | None,
         position_ids: jax.Array | None,
+        frozen_layers: int = 0,
     ) -> jax.Array:
-        """Embeddings -> scanned layers -> final norm, no cache: [B, S] -> [B, S, D]."""
+        """Embeddings -> scanned layers -> final norm, no cache: [B, S] -> [B, S, D].
+
+        The first `frozen_layers` layers hold nothing trainable: they run without a backward pass.
+        """
         batch, seq = input_ids.shape
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
@@ -277,7 +284,7 @@ class LlamaForCausalLM:
         else:
             key_valid = attention_mask.astype(bool)
         x = ops.embed(input_ids, params["model"]["embed_tokens"]["weight"])
-        x, _ = self._decoder(params, x, position_ids, key_valid, None, 0)
+        x, _ = self._decoder(params, x, position_ids, key_valid, None, 0, frozen_layers)
         return x
 
     def _decoder(
@@ -288,12 +295,14 @@ class LlamaForCausalLM:
         key_valid: jax.Array,
         cache: tuple[jax.Array, jax.Array] | None,
         offset: jax.Array | int,
+        frozen_layers: int = 0,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Run all layers on embeddings `x` [B, S, D] placed at cache slots `offset + arange(S)`.
 
         `key_valid` [B, T] marks real tokens among the keys (T = S without a cache, else the cache
-        length); `cache` is `(k, v)`, each [L, B, K, T, hd], or None. Returns the final-norm hidden
-        states [B, S, D] and the updated cache.
+        length); `cache` is `(k, v)`, each [L, B, K, T, hd], or None. The first `frozen_layers`
+        layers (no cache only) run in their own scan with no gradient. Returns the final-norm
+        hidden states [B, S, D] and the updated cache.
         """
         c = self.config
         cos, sin = rope.cos_sin(self._inv_freq(), position_ids, x.dtype)
@@ -308,7 +317,12 @@ class LlamaForCausalLM:
             x, kv = self._layer(p, x, cos, sin, mask, kv, offset)
             return x, kv
 
-        x, cache = lax.scan(body, x, (params["model"]["layers"], windows, cache))
+        layers = (params["model"]["layers"], windows)
+        if frozen_layers and cache is None:
+            bottom = jax.tree.map(lambda a: a[:frozen_layers], layers)
+            x = lax.stop_gradient(lax.scan(body, x, (*bottom, None))[0])
+            layers = jax.tree.map(lambda a: a[frozen_layers:], layers)
+        x, cache = lax.scan(body, x, (*layers, cache))
         return rms_norm(x, params["model"]["norm"]["weight"], c.rms_norm_eps), cache
 
     def _layer(
@@ -383,6 +397,15 @@ class LlamaForCausalLM:
 def _linear(p: Params, x: jax.Array) -> jax.Array:
     """`ops.linear` with the module dict `p` = {"weight": w, optional "bias": b}."""
     return ops.linear(x, p["weight"], p.get("bias"))
+
+
+def _untouched_layers(params: Params, adapter: Any) -> int:
+    """Leading layers the adapter does not touch (`jpeft.adapter.untouched_layers`), or 0."""
+    if adapter is None:
+        return 0
+    from jpeft.adapter import untouched_layers
+
+    return untouched_layers(params, adapter)
 
 
 def _inject(params: Params, adapter: Any, dropout_key: jax.Array | None) -> Params:
