@@ -96,30 +96,13 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
     test_set = encoder.encode(dataset.test, dataset.labels)
     label_tokens = encoder.label_first_tokens(dataset.labels) if dataset.labels else None
 
-    layers = model.config.num_hidden_layers
-    train_layers = config.train_layers
-    if train_layers is None:
-        train_layers = max(1, round(TRAIN_LAYER_SHARE * layers))
-    if not 0 <= train_layers <= layers:
-        raise JobError(f"--train-layers {train_layers}: the model has {layers} layers")
-    targets = config.target_modules
-    if train_layers and targets == "all-linear":
-        targets = list(LINEAR_NAMES)  # layers_to_transform needs a list of names, as in PEFT
-    lora = jpeft.LoraConfig(
-        layers_to_transform=list(range(layers - train_layers, layers)) if train_layers else None,
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=model_path,
-    )
+    lora = lora_config(config, model.config.num_hidden_layers, model_path)
     adapter = jpeft.init_adapter(params, lora, key=jax.random.key(config.seed), model=model)
     evaluate = make_evaluator(model, config.eval_batch_size, label_tokens)
     log(f"{adapter}; {len(dataset.train)} train / {len(dataset.test)} test examples")
     accuracy_before = evaluate(params, adapter, test_set)
     log(f"accuracy before: {accuracy_before:.3f}")
-    adapter, history = train(model, params, adapter, train_set, config, log)
+    adapter, history = train(model, params, adapter, train_set, config)
     accuracy_after = evaluate(params, adapter, test_set)
     log(f"accuracy after:  {accuracy_after:.3f}")
     metrics = {
@@ -138,6 +121,27 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
     write_outputs(config.output_dir, adapter, metrics)
     log(f"wrote {config.output_dir}/: metrics.json, loss.png, adapter/ (PEFT format)")
     return metrics
+
+
+def lora_config(config: FinetuneConfig, layers: int, model_path: str) -> jpeft.LoraConfig:
+    """The job's LoraConfig: `--train-layers` becomes PEFT's `layers_to_transform`."""
+    train_layers = config.train_layers
+    if train_layers is None:
+        train_layers = max(1, round(TRAIN_LAYER_SHARE * layers))
+    if not 0 <= train_layers <= layers:
+        raise JobError(f"--train-layers {train_layers}: the model has {layers} layers")
+    targets = config.target_modules
+    if train_layers and targets == "all-linear":
+        targets = list(LINEAR_NAMES)  # layers_to_transform needs a list of names, as in PEFT
+    return jpeft.LoraConfig(
+        layers_to_transform=list(range(layers - train_layers, layers)) if train_layers else None,
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=model_path,
+    )
 
 
 def answer_batch(encoded: jdata.Encoded, rows: np.ndarray, answer_len: int) -> dict:
@@ -164,7 +168,7 @@ def answer_loss(model, params, adapter, batch, dropout_key) -> jax.Array:
     return jnp.sum(jnp.where(batch["valid"], nll, 0.0)) / jnp.maximum(batch["valid"].sum(), 1)
 
 
-def train(model, params, adapter, train_set: jdata.Encoded, config: FinetuneConfig, log):
+def train(model, params, adapter, train_set: jdata.Encoded, config: FinetuneConfig):
     """AdamW with warm-up and cosine decay; a progress bar with loss, tokens/s and ETA."""
     from tqdm.auto import tqdm
 
