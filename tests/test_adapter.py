@@ -140,6 +140,8 @@ def test_partition_combine_and_optax_mask(tiny):
     restored = jpeft.combine(trainable, frozen)
     assert jax.tree.structure(restored) == jax.tree.structure(adapter)
 
+    mask = jpeft.trainable_mask(adapter)
+    assert all(jax.tree.leaves(mask.weights)) and not any(jax.tree.leaves(mask.frozen))
     optimizer = jpeft.optax_mask(optax.adamw(1e-2, weight_decay=0.5), adapter)
     state = optimizer.init(adapter)
     grads = jax.tree.map(jnp.ones_like, adapter)
