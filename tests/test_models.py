@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from tiny_models import random_causal_lm
 
 from jpeft import models, ops
 
@@ -51,18 +52,9 @@ CASES = {
 
 
 def build_hf_model(case: str, seed: int = 0):
-    """A tiny random transformers CausalLM; norms and biases are randomized too."""
+    """The tiny random transformers model of `case` (see `tiny_models.random_causal_lm`)."""
     config_cls, overrides = CASES[case]
-    config = getattr(transformers, config_cls)(**{**SMALL, **overrides})
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return random_causal_lm(config_cls, {**SMALL, **overrides}, seed)
 
 
 def make_inputs(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:

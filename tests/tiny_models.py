@@ -1,0 +1,21 @@
+"""Tiny random transformers models for the tests that compare jpeft with transformers."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+
+def random_causal_lm(config_cls: str, config_kwargs: dict, seed: int = 0):
+    """A tiny transformers CausalLM (eager attention, eval mode) with randomized norms and biases,
+    so that a weight mapped to the wrong place changes the logits."""
+    config = getattr(transformers, config_cls)(**config_kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model.eval()
