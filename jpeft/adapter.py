@@ -32,23 +32,70 @@ Pieces = dict[str, Array]
 
 
 @dataclasses.dataclass(frozen=True)
+class Prompt:
+    """What a prompt-learning adapter feeds the model, in the model's dtype.
+
+    embeddings [T, D]: virtual token embeddings put before the input embeddings (prompt tuning,
+        p-tuning); the model's outputs then cover the T virtual positions first, as PEFT's do.
+    keys, values [L, T, K, hd]: a per-layer attention prefix (prefix tuning), read by every real
+        token; the real tokens' positions start at T.
+    """
+
+    embeddings: Array | None = None
+    keys: Array | None = None
+    values: Array | None = None
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        source = self.embeddings if self.embeddings is not None else self.keys
+        return int(source.shape[-2] if source is self.keys else source.shape[0])
+
+
+jax.tree_util.register_dataclass(
+    Prompt, data_fields=["embeddings", "keys", "values"], meta_fields=[]
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
     """What a PEFT method contributes; each file in `jpeft/methods/` registers one.
 
     init_adapter(params, config, key, model) -> Adapter
+
+    Methods that change weights (LoRA, IA3) store pieces per module and give:
+    piece_names: the PEFT names of their per-module pieces (`"lora_A.weight"`, `"ia3_l"`)
     make_node(base, pieces, frozen, constants, active, dropout_key, config) -> adapted weight
         where every array may carry a leading stacked-layer axis; `constants` are per-module
         scalars from `module_constants` ([L] when stacked), `active` a bool mask ([L]) of the
         layers that have the adapter, or None.
     module_constants(config, module_name, pieces) -> {name: float}
     check_shapes(config, module_name, base_shape, pieces) -> None, or ValueError naming both shapes
+    to_saved(adapter) -> adapter: the form PEFT writes (LoRA: PiSSA/OLoRA as plain LoRA)
+    from_saved(adapter, params, source) -> adapter: undo what PEFT's file leaves out
+
+    Prompt-learning methods store their encoder under `PROMPT_ENCODER` and give:
+    prompt(adapter, dropout_key) -> Prompt
+    prompt_embeddings(adapter) -> [T, X]: what PEFT saves as `prompt_embeddings` (the encoder's
+        output); a loaded adapter holds it as `embedding.weight` and uses it as is.
     """
 
     init_adapter: Callable[..., Adapter]
-    make_node: Callable[..., Any]
-    module_constants: Callable[[PeftConfig, str, Pieces], dict[str, float]]
-    check_shapes: Callable[[PeftConfig, str, tuple, Pieces], None]
+    piece_names: tuple[str, ...] = ()
+    make_node: Callable[..., Any] | None = None
+    module_constants: Callable[[PeftConfig, str, Pieces], dict[str, float]] | None = None
+    check_shapes: Callable[[PeftConfig, str, tuple, Pieces], None] | None = None
+    to_saved: Callable[[Adapter], Adapter] | None = None
+    from_saved: Callable[[Adapter, Any, str], Adapter] | None = None
+    prompt: Callable[[Adapter, Array | None], Prompt] | None = None
+    prompt_embeddings: Callable[[Adapter], Array] | None = None
 
+    @property
+    def is_prompt_learning(self) -> bool:
+        return self.prompt is not None
+
+
+# The `weights` key of a prompt-learning adapter's encoder (PEFT's `prompt_encoder` module).
+PROMPT_ENCODER = "prompt_encoder"
 
 _METHODS: dict[str, Method] = {}
 
@@ -126,6 +173,14 @@ def partition(tree: Any, keep: Callable[[str, Any], bool] = is_trainable) -> tup
     return jtree.partition(tree, keep)
 
 
+def prompt_of(adapter: Adapter | None, dropout_key: Array | None = None) -> Prompt | None:
+    """The virtual tokens or attention prefix a prompt-learning adapter adds, else None."""
+    if adapter is None:
+        return None
+    method = method_for(adapter.config)
+    return method.prompt(adapter, dropout_key) if method.is_prompt_learning else None
+
+
 def init_adapter(
     params: Mapping[str, Any], config: PeftConfig, *, key: Array, model: Any = None
 ) -> Adapter:
@@ -141,10 +196,10 @@ def untouched_layers(params: Mapping[str, Any], adapter: Adapter | None) -> int:
     """How many leading stacked layers the adapter leaves as they are.
 
     A model runs those layers without a backward pass: no trainable leaf lies below them.
-    0 for unstacked params, no adapter, or an adapter on the embeddings or inputs.
+    0 for unstacked params, no adapter, or an adapter on the embeddings or inputs (prompts).
     """
     num_layers = jtree.num_stacked_layers(params)
-    if adapter is None or num_layers is None:
+    if adapter is None or num_layers is None or method_for(adapter.config).is_prompt_learning:
         return 0
     first = num_layers
     for name in [*adapter.weights, *adapter.overrides]:
@@ -168,6 +223,8 @@ def inject(params: Mapping[str, Any], adapter: Adapter, *, dropout_key: Array | 
     """
     method = method_for(adapter.config)
     out = _apply_overrides(params, adapter.overrides)
+    if method.is_prompt_learning:
+        return out
     groups = _group_by_tree_path(params, adapter.weights)
     for index, (tree_path, layer_names) in enumerate(sorted(groups.items())):
         weight_path = f"{tree_path}.weight"
@@ -280,9 +337,13 @@ def _apply_overrides(params: Mapping[str, Any], overrides: Mapping[str, Array]):
 
 
 def merge(params: Mapping[str, Any], adapter: Adapter) -> dict[str, Any]:
-    """PEFT's `merge_and_unload`: a plain param tree with the adapter folded into the weights."""
+    """PEFT's `merge_and_unload`: a plain param tree with the adapter folded into the weights.
+
+    A node may also change its module's bias (IA3 scales the bias of an output-scaled module).
+    """
+    _check_mergeable(adapter, "merge")
     injected = inject(params, adapter)
-    return _map_nodes(injected, lambda node: node.merged_weight())
+    return _map_modules(injected, "merged_weight", "merged_bias")
 
 
 def unmerge(merged: Mapping[str, Any], adapter: Adapter) -> dict[str, Any]:
@@ -291,19 +352,34 @@ def unmerge(merged: Mapping[str, Any], adapter: Adapter) -> dict[str, Any]:
     Overrides (modules_to_save, trained biases) cannot be undone from merged params alone and
     are left as they are.
     """
+    _check_mergeable(adapter, "unmerge")
     injected = inject(merged, adapter.replace(overrides={}))
-    return _map_nodes(injected, lambda node: node.unmerged_weight())
+    return _map_modules(injected, "unmerged_weight", "unmerged_bias")
 
 
-def _map_nodes(tree: Mapping[str, Any], fn: Callable[[Any], Array]) -> dict[str, Any]:
+def _check_mergeable(adapter: Adapter, what: str) -> None:
+    if method_for(adapter.config).is_prompt_learning:
+        raise ValueError(
+            f"cannot {what} a {adapter.config.peft_type} adapter: prompt-learning methods add "
+            "virtual tokens or an attention prefix, not a weight change (PEFT cannot merge them "
+            "either); pass the adapter to model.apply / model.generate instead"
+        )
+
+
+def _map_modules(tree: Mapping[str, Any], weight_fn: str, bias_fn: str) -> dict[str, Any]:
+    """Replace every adapted-weight node by `node.<weight_fn>()`, and its sibling bias by
+    `node.<bias_fn>(bias)` where the node defines that method."""
     from jpeft.ops import AdaptedWeight
 
     out = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            out[key] = _map_nodes(value, fn)
+            out[key] = _map_modules(value, weight_fn, bias_fn)
         elif isinstance(value, AdaptedWeight):
-            out[key] = fn(value)
+            out[key] = getattr(value, weight_fn)()
         else:
             out[key] = value
+    node = tree.get("weight")
+    if isinstance(node, AdaptedWeight) and "bias" in tree and hasattr(node, bias_fn):
+        out["bias"] = getattr(node, bias_fn)(tree["bias"])
     return out

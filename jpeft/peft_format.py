@@ -22,31 +22,31 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from jpeft.adapter import Adapter
+from jpeft.adapter import PROMPT_ENCODER, Adapter, method_for
 from jpeft.config import config_from_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-ADAPTER_PIECES = (
-    "lora_A.weight",
-    "lora_B.weight",
-    "lora_magnitude_vector",
-    "lora_embedding_A",
-    "lora_embedding_B",
-)
+PROMPT_KEY = "prompt_embeddings"
 
 
 def save_pretrained(adapter: Adapter, save_directory: str | os.PathLike) -> None:
     """Write `adapter` in PEFT's layout, loadable by `PeftModel.from_pretrained`."""
     os.makedirs(save_directory, exist_ok=True)
-    adapter, config = _as_plain_lora(adapter)
-    tensors = {}
-    for module, pieces in adapter.weights.items():
-        for piece, value in pieces.items():
-            tensors[f"{PREFIX}{module}.{piece}"] = _to_numpy(value)
+    method = method_for(adapter.config)
+    if method.is_prompt_learning:
+        tensors = {PROMPT_KEY: _to_numpy(method.prompt_embeddings(adapter))}
+    else:
+        if method.to_saved is not None:
+            adapter = method.to_saved(adapter)
+        tensors = {}
+        for module, pieces in adapter.weights.items():
+            for piece, value in pieces.items():
+                tensors[f"{PREFIX}{module}.{piece}"] = _to_numpy(value)
     for name, value in adapter.overrides.items():
         tensors[_override_key(name, adapter.weights)] = _to_numpy(value)
+    config = adapter.config
     save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
     data = config.to_dict()
     data["inference_mode"] = True
@@ -64,32 +64,6 @@ def _override_key(name: str, targeted: Mapping[str, Any]) -> str:
     if leaf == "bias" and module in targeted:
         return f"{PREFIX}{module}.base_layer.bias"
     return f"{PREFIX}{name}"
-
-
-def _as_plain_lora(adapter: Adapter):
-    """PiSSA/OLoRA -> plain LoRA: A' = [A; A0], B' = [B, -B0], r and alpha doubled (as PEFT)."""
-    config = adapter.config
-    if not getattr(config, "has_residual_init", False):
-        return adapter, config
-    weights = {}
-    for module, pieces in adapter.weights.items():
-        start = adapter.frozen[module]
-        weights[module] = dict(pieces)
-        weights[module]["lora_A.weight"] = jnp.concatenate(
-            [pieces["lora_A.weight"], start["lora_A.weight"]], axis=0
-        )
-        weights[module]["lora_B.weight"] = jnp.concatenate(
-            [pieces["lora_B.weight"], -start["lora_B.weight"]], axis=1
-        )
-    alpha_factor = 2**0.5 if config.use_rslora else 2
-    config = config.replace(
-        init_lora_weights=True,
-        r=config.r * 2,
-        lora_alpha=config.lora_alpha * alpha_factor,
-        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
-        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
-    )
-    return Adapter(config, weights, adapter.overrides), config
 
 
 def load_pretrained(
@@ -110,11 +84,14 @@ def load_pretrained(
         raise ValueError(f"{config_path} is not valid JSON: {err}") from None
     config = config_from_dict(data, source=config_path)
     tensors = _read_tensors(directory)
+    method = method_for(config)
+    if method.is_prompt_learning:
+        return _prompt_adapter(config, tensors, directory)
     weights: dict[str, dict[str, jax.Array]] = {}
     overrides: dict[str, jax.Array] = {}
     for key, value in tensors.items():
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        piece = next((p for p in ADAPTER_PIECES if name.endswith("." + p)), None)
+        piece = next((p for p in method.piece_names if name.endswith("." + p)), None)
         if piece is not None:
             weights.setdefault(name[: -len(piece) - 1], {})[piece] = jnp.asarray(value)
         elif name.endswith(".base_layer.weight"):
@@ -122,9 +99,21 @@ def load_pretrained(
         else:
             overrides[name.replace(".base_layer.", ".")] = jnp.asarray(value)
     adapter = Adapter(config, weights, overrides)
-    if getattr(config, "has_residual_init", False):
-        adapter = _recompute_start(adapter, params, directory)
+    if method.from_saved is not None:
+        adapter = method.from_saved(adapter, params, str(directory))
     return adapter
+
+
+def _prompt_adapter(config, tensors: Mapping[str, np.ndarray], directory) -> Adapter:
+    """PEFT saves a prompt-learning adapter as the encoder's output alone; like PEFT's inference
+    load, it becomes the encoder's embedding and is used as is."""
+    if set(tensors) != {PROMPT_KEY}:
+        raise ValueError(
+            f"{directory}: a {config.peft_type} adapter file holds one tensor, {PROMPT_KEY!r}; "
+            f"found {sorted(tensors)}"
+        )
+    embedding = {"embedding.weight": jnp.asarray(tensors[PROMPT_KEY])}
+    return Adapter(config, {PROMPT_ENCODER: embedding})
 
 
 def _read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -144,16 +133,3 @@ def _read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ValueError(
             f"{path} is not a readable safetensors file ({err}); is it truncated?"
         ) from None
-
-
-def _recompute_start(adapter: Adapter, params, directory) -> Adapter:
-    from jpeft.methods.lora import frozen_start
-
-    if params is None:
-        raise ValueError(
-            f"{directory}: init_lora_weights={adapter.config.init_lora_weights!r} adapters are "
-            "saved relative to the residual of the base weights; pass params= so jpeft can "
-            "recompute it as PEFT does, or save from PEFT with "
-            "path_initial_model_for_weight_conversion to get a plain LoRA"
-        )
-    return adapter.replace(frozen=frozen_start(params, adapter.config, list(adapter.weights)))

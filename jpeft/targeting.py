@@ -21,7 +21,7 @@ from jpeft.tree import ModuleRef, hf_leaf_names, hf_modules
 ALL_LINEAR = "all-linear"
 OUTPUT_HEAD_NAMES = ("lm_head",)
 
-# PEFT's per-architecture defaults when `target_modules` is None (utils/constants.py).
+# PEFT's per-architecture LoRA defaults when `target_modules` is None (utils/constants.py).
 DEFAULT_TARGETS = {
     "llama": ("q_proj", "v_proj"),
     "mistral": ("q_proj", "v_proj"),
@@ -77,10 +77,10 @@ def matches_target(config: Any, ref: ModuleRef) -> bool:
         return True  # PEFT applies layers_to_transform to suffix matches only
     if not any(key.endswith(f".{name}") for name in targets):
         return False
-    wanted_layers = config.layers_to_transform
+    wanted_layers = getattr(config, "layers_to_transform", None)  # LoRA's; IA3 has none
     if wanted_layers is None or (isinstance(wanted_layers, Sequence) and len(wanted_layers) == 0):
         return True
-    index = layer_index(key, config.layers_pattern)
+    index = layer_index(key, getattr(config, "layers_pattern", None))
     if index is None:
         return False
     if isinstance(wanted_layers, int):
@@ -97,20 +97,26 @@ def pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
 
 
 def resolve_targets(
-    params: Mapping[str, Any], config: Any, model_type: str | None = None
+    params: Mapping[str, Any],
+    config: Any,
+    model_type: str | None = None,
+    defaults: Mapping[str, Sequence[str]] = DEFAULT_TARGETS,
 ) -> list[ModuleRef]:
     """The modules of `params` that `config` targets, in the per-layer HF view.
+
+    `defaults` are the method's per-architecture targets, used when `target_modules` is None.
 
     Raises ValueError naming the targets and listing the available module names when nothing
     matches, as PEFT does.
     """
     if config.target_modules is None:
-        if model_type not in DEFAULT_TARGETS:
+        if model_type not in defaults:
             raise ValueError(
                 f"target_modules is None and there is no default for model type {model_type!r}; "
-                f"pass target_modules explicitly (defaults exist for {sorted(DEFAULT_TARGETS)})"
+                f"pass target_modules explicitly (defaults exist for {sorted(defaults)}; pass "
+                "model= to init_adapter so jpeft knows the model type)"
             )
-        config = config.replace(target_modules=DEFAULT_TARGETS[model_type])
+        config = config.replace(target_modules=tuple(defaults[model_type]))
     modules = hf_modules(params)
     matched = [ref for ref in modules if matches_target(config, ref)]
     if not matched:

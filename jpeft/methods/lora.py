@@ -424,12 +424,58 @@ def _trainable_base_leaves(params, config: LoraConfig, target_names: list[str]) 
     return overrides
 
 
+# ---------------------------------------------------------------------------------------------
+# PEFT's file format
+
+
+def to_saved(adapter: Adapter) -> Adapter:
+    """PiSSA/OLoRA -> plain LoRA: A' = [A; A0], B' = [B, -B0], r and alpha doubled (as PEFT's
+    `path_initial_model_for_weight_conversion`), so the file loads on the original base weights."""
+    config = adapter.config
+    if not config.has_residual_init:
+        return adapter
+    weights = {}
+    for module, pieces in adapter.weights.items():
+        start = adapter.frozen[module]
+        weights[module] = dict(pieces)
+        weights[module][A_KEY] = jnp.concatenate([pieces[A_KEY], start[A_KEY]], axis=0)
+        weights[module][B_KEY] = jnp.concatenate([pieces[B_KEY], -start[B_KEY]], axis=1)
+    alpha_factor = 2**0.5 if config.use_rslora else 2
+    config = config.replace(
+        init_lora_weights=True,
+        r=config.r * 2,
+        lora_alpha=config.lora_alpha * alpha_factor,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
+    )
+    return Adapter(config, weights, adapter.overrides)
+
+
+def from_saved(adapter: Adapter, params, source: str) -> Adapter:
+    """An unconverted PiSSA/OLoRA file: recompute the starting factors from the base weights,
+    as PEFT does when it loads one."""
+    config = adapter.config
+    if not config.has_residual_init:
+        return adapter
+    if params is None:
+        raise ValueError(
+            f"{source}: init_lora_weights={config.init_lora_weights!r} adapters are saved "
+            "relative to the residual of the base weights; pass params= so jpeft can recompute "
+            "it as PEFT does, or save from PEFT with path_initial_model_for_weight_conversion to "
+            "get a plain LoRA"
+        )
+    return adapter.replace(frozen=frozen_start(params, config, list(adapter.weights)))
+
+
 register_method(
     "LORA",
     Method(
         init_adapter=init_adapter,
+        piece_names=(A_KEY, B_KEY, MAG_KEY, EMB_A_KEY, EMB_B_KEY),
         make_node=make_node,
         module_constants=module_constants,
         check_shapes=check_shapes,
+        to_saved=to_saved,
+        from_saved=from_saved,
     ),
 )
