@@ -8,9 +8,14 @@ from jpeft.adapter import (
     is_trainable,
     merge,
     partition,
+    prompt_of,
     unmerge,
 )
+from jpeft.methods.ia3 import IA3Config
 from jpeft.methods.lora import LoraConfig
+from jpeft.methods.p_tuning import PromptEncoderConfig
+from jpeft.methods.prefix_tuning import PrefixTuningConfig
+from jpeft.methods.prompt_tuning import PromptTuningConfig
 from jpeft.peft_format import load_pretrained, save_pretrained
 from jpeft.train import optax_mask, trainable_mask
 from jpeft.tree import combine
@@ -19,7 +24,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "IA3Config",
     "LoraConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "combine",
     "init_adapter",
     "inject",
@@ -30,6 +39,7 @@ __all__ = [
     "ops",
     "optax_mask",
     "partition",
+    "prompt_of",
     "save_pretrained",
     "train",
     "trainable_mask",

@@ -37,8 +37,8 @@ class Prompt:
 
     embeddings [T, D]: virtual token embeddings put before the input embeddings (prompt tuning,
         p-tuning); the model's outputs then cover the T virtual positions first, as PEFT's do.
-    keys, values [L, T, K, hd]: a per-layer attention prefix (prefix tuning), read by every real
-        token; the real tokens' positions start at T.
+    keys, values [L, K, T, hd]: a per-layer attention prefix over the K key/value heads (prefix
+        tuning), seen by every real token; the real tokens' positions start at T.
     """
 
     embeddings: Array | None = None
@@ -47,8 +47,9 @@ class Prompt:
 
     @property
     def num_virtual_tokens(self) -> int:
-        source = self.embeddings if self.embeddings is not None else self.keys
-        return int(source.shape[-2] if source is self.keys else source.shape[0])
+        if self.embeddings is not None:
+            return int(self.embeddings.shape[0])
+        return int(self.keys.shape[2])
 
 
 jax.tree_util.register_dataclass(

@@ -63,6 +63,16 @@ def _weighted_nll_bwd(residuals, grad):
 _weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
 
 
+def with_virtual_labels(labels: jax.Array, num_positions: int) -> jax.Array:
+    """`labels` [B, S] padded in front with IGNORE_INDEX to `num_positions` [B, P]: the virtual
+    tokens a prompt-tuning or p-tuning adapter puts first get no loss, as in PEFT."""
+    extra = num_positions - labels.shape[1]
+    if extra <= 0:
+        return labels
+    ignored = jnp.full((labels.shape[0], extra), IGNORE_INDEX, labels.dtype)
+    return jnp.concatenate([ignored, labels], axis=1)
+
+
 def trainable_mask(tree: Any, keep: Callable[[str, Any], bool] = is_trainable) -> Any:
     """A pytree of bools, True at the leaves `keep(path, leaf)` selects (for `optax.masked`)."""
     return jax.tree_util.tree_map_with_path(lambda p, leaf: keep(path_str(p), leaf), tree)
@@ -92,7 +102,8 @@ def make_train_step(
     """A jitted train step `step(params, adapter, opt_state, batch, dropout_key)`.
 
     It returns `(adapter, opt_state, loss)`.
-    `batch` holds `input_ids` [batch, seq], `labels` [batch, seq] and optionally `attention_mask`.
+    `batch` holds `input_ids` [batch, seq], `labels` [batch, seq] and optionally `attention_mask`;
+    the labels of a prompt adapter's virtual tokens are added here.
     `opt_state` is `optimizer.init(trainable)` with `trainable, _ = jpeft.partition(adapter)`.
     The adapter and optimizer state are donated.
     """
@@ -106,7 +117,7 @@ def make_train_step(
             attention_mask=batch.get("attention_mask"),
             dropout_key=dropout_key,
         )
-        return loss_fn(logits, batch["labels"])
+        return loss_fn(logits, with_virtual_labels(batch["labels"], logits.shape[1]))
 
     def step(params, adapter: Adapter, opt_state, batch, dropout_key=None):
         trainable, frozen = partition(adapter, is_trainable)

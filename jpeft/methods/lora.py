@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -29,6 +28,7 @@ from jpeft import targeting
 from jpeft import tree as jtree
 from jpeft.adapter import Adapter, Method, register_method
 from jpeft.config import PeftConfig, register_config
+from jpeft.methods import common
 from jpeft.methods.lora_ops import lora_embed, lora_linear
 
 A_KEY, B_KEY, MAG_KEY = "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"
@@ -380,14 +380,8 @@ def _init_embedding(config: LoraConfig, name: str, table, key) -> dict:
 
 def init_adapter(params, config: LoraConfig, key, model=None) -> Adapter:
     """Targets resolved by PEFT's rules; pieces initialised as `init_lora_weights` says."""
-    if config.fan_in_fan_out:
-        warnings.warn(
-            "fan_in_fan_out=True has no effect: jpeft weights are [out, in] like nn.Linear "
-            "(PEFT resets it to False for nn.Linear too)",
-            stacklevel=3,
-        )
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    targets = targeting.resolve_targets(params, config, model_type)
+    common.warn_fan_in_fan_out(config)
+    targets = targeting.resolve_targets(params, config, common.model_type_of(model))
     weights, frozen = {}, {}
     for index, ref in enumerate(targets):
         base = jtree.get_path(params, f"{ref.tree_path}.weight")
@@ -416,12 +410,7 @@ def _trainable_base_leaves(params, config: LoraConfig, target_names: list[str]) 
     elif config.bias == "lora_only":
         leaves = set(jtree.hf_leaf_names(params))
         names += [f"{t}.bias" for t in target_names if f"{t}.bias" in leaves]
-    overrides = {}
-    for name in dict.fromkeys(names):
-        tree_path, layer = jtree.hf_param_path(params, name)
-        leaf = jtree.get_path(params, jtree.tied_head_source(params, tree_path))
-        overrides[name] = jnp.array(leaf if layer is None else leaf[layer])
-    return overrides
+    return common.base_leaf_copies(params, names)
 
 
 # ---------------------------------------------------------------------------------------------

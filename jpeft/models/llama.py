@@ -18,6 +18,7 @@ leaf may be an adapted-weight node (see `jpeft.ops`); the model never looks insi
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -28,6 +29,7 @@ import numpy as np
 from jax import lax
 
 from jpeft import ops
+from jpeft.adapter import Prompt, inject, prompt_of, untouched_layers
 from jpeft.models import rope
 from jpeft.models.rope import RopeScaling
 
@@ -219,11 +221,15 @@ class LlamaForCausalLM:
         dropout_key: jax.Array | None = None,
         position_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """`input_ids` [B, S] int -> logits [B, S, V]; `attention_mask` [B, S]: 1 token, 0 pad."""
-        frozen = _untouched_layers(params, adapter)
-        params = _inject(params, adapter, dropout_key)
-        hidden = self._hidden(params, input_ids, attention_mask, position_ids, frozen)
-        return self._head(params, hidden)
+        """`input_ids` [B, S] int -> logits [B, S, V]; `attention_mask` [B, S]: 1 token, 0 pad.
+
+        With a prompt-tuning or p-tuning adapter the logits are [B, T + S, V], the T virtual
+        tokens first, as PEFT's are.
+        """
+        hidden = self.hidden_states(
+            params, input_ids, adapter, attention_mask, dropout_key, position_ids
+        )
+        return self._head(_inject(params, adapter, None), hidden)
 
     def hidden_states(
         self,
@@ -234,10 +240,12 @@ class LlamaForCausalLM:
         dropout_key: jax.Array | None = None,
         position_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """`input_ids` [B, S] int -> the final-norm hidden states [B, S, D]."""
-        frozen = _untouched_layers(params, adapter)
+        """`input_ids` [B, S] int -> the final-norm hidden states [B, S, D] ([B, T + S, D] with
+        T virtual tokens)."""
+        frozen = untouched_layers(params, adapter)
+        prompt = prompt_of(adapter, dropout_key)
         params = _inject(params, adapter, dropout_key)
-        return self._hidden(params, input_ids, attention_mask, position_ids, frozen)
+        return self._hidden(params, input_ids, attention_mask, position_ids, frozen, prompt)
 
     def logits(self, params: Params, h: jax.Array, adapter: Any = None) -> jax.Array:
         """The LM head alone: `h` [..., D] -> logits [..., V]."""
@@ -253,16 +261,21 @@ class LlamaForCausalLM:
     ) -> jax.Array:
         """Greedy decoding with a KV cache: `input_ids` [B, S] -> [B, S + max_new_tokens].
 
-        Left padding in `attention_mask` is handled like transformers' `generate`. The whole
-        loop is one jitted function, cached per model, shapes and `max_new_tokens`.
+        Left padding in `attention_mask` is handled like transformers' `generate`. Prompt-learning
+        adapters put their virtual tokens or prefix first, as PEFT's `generate` does; the result
+        holds the real tokens only. The whole loop is one jitted function, cached per model,
+        shapes and `max_new_tokens`.
         """
         input_ids = jnp.asarray(input_ids)
         if max_new_tokens <= 0:
             return input_ids
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        prompt = prompt_of(adapter, None)
         params = _inject(params, adapter, None)
-        return _generate(self, params, input_ids, jnp.asarray(attention_mask), max_new_tokens)
+        return _generate(
+            self, params, prompt, input_ids, jnp.asarray(attention_mask), max_new_tokens
+        )
 
     def _hidden(
         self,
@@ -271,21 +284,73 @@ class LlamaForCausalLM:
         attention_mask: jax.Array | None,
         position_ids: jax.Array | None,
         frozen_layers: int = 0,
+        prompt: Prompt | None = None,
     ) -> jax.Array:
         """Embeddings -> scanned layers -> final norm, no cache: [B, S] -> [B, S, D].
 
         The first `frozen_layers` layers hold nothing trainable: they run without a backward pass.
+        `prompt` adds virtual tokens before the inputs ([B, T + S, D] out) or a per-layer prefix.
         """
         batch, seq = input_ids.shape
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
         if attention_mask is None:
             key_valid = jnp.ones((batch, seq), bool)
         else:
             key_valid = attention_mask.astype(bool)
         x = ops.embed(input_ids, params["model"]["embed_tokens"]["weight"])
-        x, _ = self._decoder(params, x, position_ids, key_valid, None, 0, frozen_layers)
+        if prompt is None:
+            if position_ids is None:
+                position_ids = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+            x, _ = self._decoder(params, x, position_ids, key_valid, None, 0, frozen_layers)
+            return x
+        tokens = prompt.num_virtual_tokens
+        virtual_valid = jnp.ones((batch, tokens), bool)
+        key_valid = jnp.concatenate([virtual_valid, key_valid], axis=1)
+        if prompt.embeddings is not None:
+            if position_ids is not None:
+                warnings.warn(
+                    "position_ids are ignored with prompt tuning and p-tuning, as in PEFT",
+                    stacklevel=3,
+                )
+            x = jnp.concatenate([self._virtual_embeddings(prompt, batch, x.dtype), x], axis=1)
+            positions = jnp.broadcast_to(jnp.arange(tokens + seq), (batch, tokens + seq))
+            x, _ = self._decoder(params, x, positions, key_valid, None, 0)
+            return x
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+        cache = self._prefix_cache(prompt, batch, tokens + seq, x.dtype)
+        x, _ = self._decoder(params, x, position_ids + tokens, key_valid, cache, tokens)
         return x
+
+    def _virtual_embeddings(self, prompt: Prompt, batch: int, dtype) -> jax.Array:
+        """The prompt's virtual token embeddings for each row: [B, T, D]."""
+        tokens, dim = prompt.embeddings.shape
+        if dim != self.config.hidden_size:
+            raise ValueError(
+                f"the prompt adapter's virtual tokens have token_dim={dim} but the model's "
+                f"hidden_size is {self.config.hidden_size}; was the adapter made for another model?"
+            )
+        return jnp.broadcast_to(prompt.embeddings.astype(dtype), (batch, tokens, dim))
+
+    def _prefix_cache(self, prompt: Prompt, batch: int, length: int, dtype) -> tuple:
+        """A KV cache (k, v), each [L, B, K, length, hd], holding the prefix in its first slots."""
+        c = self.config
+        layers, heads, tokens, head_dim = prompt.keys.shape
+        want = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+        if (layers, heads, head_dim) != want:
+            raise ValueError(
+                f"the prefix-tuning adapter has num_layers={layers}, {heads} key/value heads of "
+                f"size {head_dim} (token_dim={heads * head_dim}), but the model has "
+                f"{want[0]} layers and {want[1]} key/value heads of size {want[2]} "
+                f"(token_dim={want[1] * want[2]}); was the adapter made for another model?"
+            )
+        shape = (layers, batch, heads, length, head_dim)
+
+        def filled(prefix: jax.Array) -> jax.Array:
+            cache = jnp.zeros(shape, dtype)
+            prefix = jnp.broadcast_to(prefix[:, None].astype(dtype), (*shape[:3], tokens, head_dim))
+            return lax.dynamic_update_slice(cache, prefix, (0, 0, 0, 0, 0))
+
+        return filled(prompt.keys), filled(prompt.values)
 
     def _decoder(
         self,
@@ -399,22 +464,9 @@ def _linear(p: Params, x: jax.Array) -> jax.Array:
     return ops.linear(x, p["weight"], p.get("bias"))
 
 
-def _untouched_layers(params: Params, adapter: Any) -> int:
-    """Leading layers the adapter does not touch (`jpeft.adapter.untouched_layers`), or 0."""
-    if adapter is None:
-        return 0
-    from jpeft.adapter import untouched_layers
-
-    return untouched_layers(params, adapter)
-
-
 def _inject(params: Params, adapter: Any, dropout_key: jax.Array | None) -> Params:
     """Params with the adapter's weights swapped in (`jpeft.adapter.inject`), or `params` as is."""
-    if adapter is None:
-        return params
-    from jpeft.adapter import inject
-
-    return inject(params, adapter, dropout_key=dropout_key)
+    return params if adapter is None else inject(params, adapter, dropout_key=dropout_key)
 
 
 def is_shape(x: Any) -> bool:
@@ -443,27 +495,49 @@ def _init_leaf(key: jax.Array, path: str, shape: tuple[int, ...], dtype: jnp.dty
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-@partial(jax.jit, static_argnums=(0, 4))
+@partial(jax.jit, static_argnums=(0, 5))
 def _generate(
     model: LlamaForCausalLM,
     params: Params,
+    prompt: Prompt | None,
     input_ids: jax.Array,
     attention_mask: jax.Array,
     max_new_tokens: int,
 ) -> jax.Array:
-    """Prefill then `max_new_tokens - 1` single-token steps: [B, S] -> [B, S + max_new_tokens]."""
-    c = model.config
+    """Prefill then `max_new_tokens - 1` single-token steps: [B, S] -> [B, S + max_new_tokens].
+
+    Cache slots: a prefix (prefix tuning), then the prompt (virtual tokens first for prompt
+    tuning), then the new tokens. Positions count the valid slots, as transformers' `generate`
+    derives them from the attention mask, except with virtual tokens: PEFT drops position ids
+    there, so the model numbers the slots, padding included, as `apply` does.
+    """
     batch, seq = input_ids.shape
-    total = seq + max_new_tokens
-    prompt_valid = attention_mask.astype(bool)
-    positions = jnp.where(prompt_valid, jnp.cumsum(prompt_valid, axis=1) - 1, 0)
-    key_valid = jnp.concatenate([prompt_valid, jnp.ones((batch, max_new_tokens), bool)], axis=1)
     embed = params["model"]["embed_tokens"]["weight"]
     x = ops.embed(input_ids, embed)
-    shape = (c.num_hidden_layers, batch, c.num_key_value_heads, total, c.head_dim)
-    cache = (jnp.zeros(shape, x.dtype), jnp.zeros(shape, x.dtype))
+    prompt_valid = attention_mask.astype(bool)
+    prefix_len = 0
+    if prompt is not None:
+        virtual_valid = jnp.ones((batch, prompt.num_virtual_tokens), bool)
+        if prompt.embeddings is not None:
+            x = jnp.concatenate([model._virtual_embeddings(prompt, batch, x.dtype), x], axis=1)
+            prompt_valid = jnp.concatenate([virtual_valid, prompt_valid], axis=1)
+        else:
+            prefix_len = prompt.num_virtual_tokens
+    filled = prefix_len + x.shape[1]
+    valid = jnp.concatenate([jnp.ones((batch, prefix_len), bool), prompt_valid], axis=1)
+    if prompt is not None and prompt.embeddings is not None:
+        positions = jnp.broadcast_to(jnp.arange(filled), (batch, filled))  # PEFT drops them
+    else:
+        positions = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, 0)[:, prefix_len:]
+    key_valid = jnp.concatenate([valid, jnp.ones((batch, max_new_tokens), bool)], axis=1)
+    if prefix_len:
+        cache = model._prefix_cache(prompt, batch, filled + max_new_tokens, x.dtype)
+    else:
+        c = model.config
+        shape = (c.num_hidden_layers, batch, c.num_key_value_heads, filled + max_new_tokens)
+        cache = tuple(jnp.zeros((*shape, c.head_dim), x.dtype) for _ in range(2))
 
-    h, cache = model._decoder(params, x, positions, key_valid, cache, 0)
+    h, cache = model._decoder(params, x, positions, key_valid, cache, prefix_len)
     first = jnp.argmax(model._head(params, h[:, -1]), axis=-1)
     tokens = jnp.zeros((batch, max_new_tokens), input_ids.dtype).at[:, 0].set(first)
 
@@ -471,7 +545,7 @@ def _generate(
         tokens, cache = carry
         x = ops.embed(lax.dynamic_slice_in_dim(tokens, t - 1, 1, axis=1), embed)
         pos = positions[:, -1:] + t
-        h, cache = model._decoder(params, x, pos, key_valid, cache, seq + t - 1)
+        h, cache = model._decoder(params, x, pos, key_valid, cache, filled + t - 1)
         nxt = jnp.argmax(model._head(params, h[:, 0]), axis=-1)
         return tokens.at[:, t].set(nxt.astype(tokens.dtype)), cache
 

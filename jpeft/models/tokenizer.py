@@ -15,9 +15,10 @@ SPECIAL_TOKEN_IDS = {
 }
 
 
-def load_tokenizer(path: str | Path) -> Any:
+def load_tokenizer(path: str | Path, **kwargs: Any) -> Any:
     """A `transformers` tokenizer for a HF checkpoint directory or a `.gguf` file.
 
+    `kwargs` go to `AutoTokenizer.from_pretrained` for a directory.
     A GGUF tokenizer is rebuilt from the `tokenizer.ggml.*` metadata (see `gguf_tokenizer`), with
     the `tokenizer.chat_template` when the file has one. Only local files are read. Raises
     FileNotFoundError for a missing path, ValueError naming the file when no tokenizer can be
@@ -27,13 +28,15 @@ def load_tokenizer(path: str | Path) -> Any:
     if is_gguf_path(file):
         if not file.is_file():
             raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+        if kwargs:
+            raise ValueError(f"tokenizer options {sorted(kwargs)} apply to directories, not GGUF")
         return gguf_tokenizer(file)
     if not file.is_dir():
         raise FileNotFoundError(f"no checkpoint directory or .gguf file at {str(path)!r}")
     from transformers import AutoTokenizer  # imported here: it is slow and only needed here
 
     try:
-        return AutoTokenizer.from_pretrained(str(file), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(file), local_files_only=True, **kwargs)
     except (OSError, KeyError, ValueError) as err:
         raise ValueError(f"cannot build a tokenizer from {str(path)!r}: {err}") from None
 

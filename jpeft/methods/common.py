@@ -1,0 +1,40 @@
+"""What the weight-changing methods (LoRA, IA3) share: model type, base-leaf copies, warnings."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jpeft import tree as jtree
+
+
+def model_type_of(model: Any) -> str | None:
+    """`model.config.model_type` ("llama", "qwen2", ...), or None without a model."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def warn_fan_in_fan_out(config: Any) -> None:
+    """PEFT's `fan_in_fan_out` concerns GPT-2's Conv1D; jpeft weights are all [out, in]."""
+    if config.fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out=True has no effect: jpeft weights are [out, in] like nn.Linear "
+            "(PEFT resets it to False for nn.Linear too)",
+            stacklevel=4,
+        )
+
+
+def base_leaf_copies(params: Mapping[str, Any], names: Iterable[str]) -> dict[str, jax.Array]:
+    """Trainable copies {HF parameter name: array} of base leaves (modules_to_save, biases).
+
+    A stacked leaf gives its layer's slice; a tied head's copy starts from the embedding table.
+    """
+    copies = {}
+    for name in dict.fromkeys(names):
+        tree_path, layer = jtree.hf_param_path(params, name)
+        leaf = jtree.get_path(params, jtree.tied_head_source(params, tree_path))
+        copies[name] = jnp.array(leaf if layer is None else leaf[layer])
+    return copies
