@@ -14,7 +14,9 @@ import sys
 
 from jpeft.finetune.data import DataError
 from jpeft.finetune.job import FinetuneConfig, JobError
+from jpeft.finetune.methods import DEFAULT_LR, METHODS
 
+REGEX_CHARACTERS = "\\.*+?()[]|^$"
 USER_ERRORS = (JobError, DataError, FileNotFoundError, ValueError)
 
 
@@ -25,28 +27,31 @@ def finetune_parser(sub) -> None:
         "model": "HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)",
         "data": "json/jsonl/csv with prompt/completion or text/label columns (default: BBC News)",
         "output_dir": "where metrics.json, loss.png and adapter/ go",
-        "method": "the PEFT method",
+        "method": "the PEFT method: " + ", ".join(METHODS),
         "r": "LoRA rank",
         "lora_alpha": "LoRA alpha (scaling alpha / r)",
         "lora_dropout": "dropout on the LoRA branch",
-        "target_modules": "module names (comma-separated), a regex, or all-linear",
-        "train_layers": "LoRA on the last N layers only, the layers below run without backward; "
-        "0 = all layers, default: the top 40%",
+        "target_modules": "module names (comma-separated), a regex, or all-linear "
+        "(default: all-linear for lora, PEFT's defaults for ia3)",
+        "train_layers": "LoRA/IA3 on the last N layers only, the layers below run without "
+        "backward; 0 = all layers, default: the top 40%",
+        "virtual_tokens": "virtual tokens of prompt-tuning, p-tuning and prefix-tuning",
         "steps": "optimizer steps",
         "batch_size": "examples per step",
         "seq_len": "tokens per example (prompt + answer)",
         "text_tokens": "article/text tokens kept in each prompt",
-        "lr": "peak learning rate (AdamW, warm-up then cosine decay)",
+        "lr": "peak learning rate (AdamW, warm-up then cosine decay; default per method: "
+        + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items())
+        + ")",
         "warmup_steps": "linear warm-up steps",
         "test_size": "examples held out for the accuracy test",
         "eval_batch_size": "examples per evaluation forward",
         "seed": "seed of the split, init and order",
     }
+    none_default_kinds = {"train_layers": int, "lr": float}
     for field in dataclasses.fields(FinetuneConfig):
         default = getattr(defaults, field.name)
-        kind = (
-            int if field.name == "train_layers" else type(default) if default is not None else str
-        )
+        kind = type(default) if default is not None else none_default_kinds.get(field.name, str)
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             type=kind,
@@ -67,8 +72,9 @@ def run_finetune(args: argparse.Namespace) -> None:
     from jpeft.finetune.job import run
 
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)}
-    if "," in options["target_modules"]:
-        options["target_modules"] = options["target_modules"].split(",")
+    targets = options["target_modules"]
+    if targets and targets != "all-linear" and not set(targets) & set(REGEX_CHARACTERS):
+        options["target_modules"] = targets.split(",")  # names, not a regex
     run(FinetuneConfig(**options))
 
 

