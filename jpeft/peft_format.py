@@ -1,11 +1,13 @@
 """PEFT's on-disk format, both ways: `adapter_config.json` + `adapter_model.safetensors`.
 
-Saved keys are `base_model.model.<hf module>.<piece>` (`...q_proj.lora_A.weight` [r, in],
-`...lora_B.weight` [out, r], `...lora_magnitude_vector` [out], `...lora_embedding_A` [r, vocab]);
+Weight methods save `base_model.model.<hf module>.<piece>`, the pieces named as each method
+registers them (`...q_proj.lora_A.weight` [r, in], `...lora_B.weight` [out, r],
+`...lora_magnitude_vector` [out], `...lora_embedding_A` [r, vocab], `...k_proj.ia3_l` [out, 1]);
 modules_to_save copies are saved under the module's own name (`base_model.model.lm_head.weight`);
 trainable biases under `<module>.base_layer.bias` for targeted modules, `<module>.bias` otherwise.
-PiSSA/OLoRA adapters are written as the equivalent plain LoRA of rank 2r, as PEFT's
-`path_initial_model_for_weight_conversion` does, so they load on the original base weights.
+A method may convert before saving and after loading (LoRA writes PiSSA/OLoRA as the equivalent
+plain LoRA of rank 2r, as PEFT's `path_initial_model_for_weight_conversion` does).
+Prompt-learning methods save one tensor, `prompt_embeddings`: the prompt encoder's output.
 Only safetensors and JSON are read; nothing is ever unpickled.
 """
 

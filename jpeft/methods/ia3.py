@@ -7,8 +7,9 @@ bias `b` [out] and a learned vector `ia3_l`:
     all other modules:     l [out, 1]  scales the output:  y = (W x + b) * l
 
 The scaling runs in float32 and is cast back to the activations' dtype, as in PEFT. W * l is never
-formed in the forward pass, and W gets no gradient. Merging folds l into W (and into b for
-output-scaled modules); unmerging divides it out exactly (PEFT adds 1e-8 to l first).
+formed in the forward pass, and W is a plain input, so training (which differentiates l only) forms
+no weight-sized gradient. Merging folds l into W (and into b for output-scaled modules);
+unmerging divides it out exactly (PEFT adds 1e-8 to l first).
 
 Which modules are feed-forward is decided when the adapter is made (`feedforward_modules`, or
 PEFT's default for the model type) and is then read from the vector's shape, which is also how a
@@ -239,18 +240,17 @@ def _check_stacked_groups(
         if ref.layer is not None:
             by_kind = kinds.setdefault(ref.tree_path, {})
             by_kind.setdefault(feedforward[ref.name], []).append(ref.layer)
+    shown = (
+        list(feedforward_modules) if isinstance(feedforward_modules, tuple) else feedforward_modules
+    )
     for tree_path, layers in kinds.items():
         if len(layers) > 1:
             raise ValueError(
-                f"feedforward_modules={_shown(feedforward_modules)!r} makes {tree_path} "
+                f"feedforward_modules={shown!r} makes {tree_path} "
                 f"feed-forward in layers {layers[True]} but not in layers {layers[False]}; jpeft "
                 "runs a module's stacked layers as one op, so make feedforward_modules match "
                 "this module in every layer or in none"
             )
-
-
-def _shown(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 register_method(
