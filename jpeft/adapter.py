@@ -12,6 +12,10 @@ copies and trainable biases). `inject(params, adapter)` turns this into the mode
 model that stacks its layers, per-layer pieces are stacked on a leading axis (zero-padded to the
 largest rank, zeros for layers the adapter does not touch), so `lax.scan` slices them with the base
 weights. Each method registers a `Method` that builds its per-module node.
+
+Prompt-learning adapters (prompt tuning, p-tuning, prefix tuning) change no weight: they keep
+their encoder under `weights["prompt_encoder"]` and give the model a `Prompt` (virtual token
+embeddings or a per-layer key/value prefix) through `prompt_of`.
 """
 
 from __future__ import annotations

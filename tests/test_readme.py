@@ -55,3 +55,13 @@ def test_api_block_runs(checkpoint, tmp_path, monkeypatch):
     scope = {"input_ids": jax.random.randint(jax.random.key(0), (2, 5), 0, 64)}
     exec(block.replace("path/to/hf_checkpoint", str(checkpoint)), scope)
     assert scope["logits"].shape == (2, 5, 64)
+
+
+def test_methods_block_runs(checkpoint, tmp_path, monkeypatch):
+    block = next(b for b in python_blocks() if "jpeft.PrefixTuningConfig(" in b)
+    monkeypatch.chdir(tmp_path)
+    scope = {"input_ids": jax.random.randint(jax.random.key(0), (2, 5), 0, 64)}
+    exec(block.replace("path/to/hf_checkpoint", str(checkpoint)), scope)
+    assert scope["tokens"].shape == (2, 5 + 8)
+    for peft_type in ("IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
+        assert (tmp_path / "out" / peft_type / "adapter_model.safetensors").is_file()

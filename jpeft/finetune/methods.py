@@ -21,17 +21,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jpeft
+from jpeft.methods import ia3
 
 TRAIN_LAYER_SHARE = 0.4  # default --train-layers: adapt the top 40% of the layers
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# PEFT's IA3 defaults per architecture (peft.utils.constants); down_proj scales its input.
-IA3_TARGETS = {
-    "llama": ("k_proj", "v_proj", "down_proj"),
-    "mistral": ("k_proj", "v_proj", "down_proj"),
-    "qwen2": ("q_proj", "v_proj", "down_proj"),
-    "qwen3": ("q_proj", "v_proj", "down_proj"),
-}
-IA3_FEEDFORWARD = ("down_proj",)
 # Peak learning rates for the job's short runs (80 steps), one per method.
 DEFAULT_LR = {
     "lora": 2e-3,
@@ -67,13 +60,14 @@ def adapter_config(
             **common,
         )
     if options.method == "ia3":
-        names = options.target_modules or IA3_TARGETS.get(model.config.model_type)
+        model_type = model.config.model_type
+        names = options.target_modules or ia3.DEFAULT_TARGETS.get(model_type)
         if names is None or isinstance(names, str):
             raise MethodError(
                 "--method ia3 needs --target-modules as a comma-separated list of module names "
-                f"for model type {model.config.model_type!r}"
+                f"for model type {model_type!r}"
             )
-        feedforward = [name for name in IA3_FEEDFORWARD if name in names]
+        feedforward = [n for n in ia3.DEFAULT_FEEDFORWARD.get(model_type, ()) if n in names]
         return jpeft.IA3Config(
             target_modules=layer_regex(names, top_layers(options.train_layers, layers)),
             feedforward_modules=feedforward,

@@ -226,10 +226,11 @@ class LlamaForCausalLM:
         With a prompt-tuning or p-tuning adapter the logits are [B, T + S, V], the T virtual
         tokens first, as PEFT's are.
         """
-        hidden = self.hidden_states(
-            params, input_ids, adapter, attention_mask, dropout_key, position_ids
-        )
-        return self._head(_inject(params, adapter, None), hidden)
+        frozen = untouched_layers(params, adapter)
+        prompt = prompt_of(adapter, dropout_key)
+        params = _inject(params, adapter, dropout_key)
+        hidden = self._hidden(params, input_ids, attention_mask, position_ids, frozen, prompt)
+        return self._head(params, hidden)
 
     def hidden_states(
         self,
@@ -514,18 +515,16 @@ def _generate(
     batch, seq = input_ids.shape
     embed = params["model"]["embed_tokens"]["weight"]
     x = ops.embed(input_ids, embed)
-    prompt_valid = attention_mask.astype(bool)
-    prefix_len = 0
-    if prompt is not None:
-        virtual_valid = jnp.ones((batch, prompt.num_virtual_tokens), bool)
-        if prompt.embeddings is not None:
-            x = jnp.concatenate([model._virtual_embeddings(prompt, batch, x.dtype), x], axis=1)
-            prompt_valid = jnp.concatenate([virtual_valid, prompt_valid], axis=1)
-        else:
-            prefix_len = prompt.num_virtual_tokens
+    virtual = prompt is not None and prompt.embeddings is not None
+    prefix_len = prompt.num_virtual_tokens if prompt is not None and not virtual else 0
+    if virtual:
+        x = jnp.concatenate([model._virtual_embeddings(prompt, batch, x.dtype), x], axis=1)
+        attention_mask = jnp.pad(
+            attention_mask, ((0, 0), (prompt.num_virtual_tokens, 0)), constant_values=1
+        )
     filled = prefix_len + x.shape[1]
-    valid = jnp.concatenate([jnp.ones((batch, prefix_len), bool), prompt_valid], axis=1)
-    if prompt is not None and prompt.embeddings is not None:
+    valid = jnp.pad(attention_mask.astype(bool), ((0, 0), (prefix_len, 0)), constant_values=True)
+    if virtual:
         positions = jnp.broadcast_to(jnp.arange(filled), (batch, filled))  # PEFT drops them
     else:
         positions = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, 0)[:, prefix_len:]

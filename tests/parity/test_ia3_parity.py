@@ -17,8 +17,8 @@ import numpy as np
 import peft
 import pytest
 import torch
+from hf_bases import build_base, load_hf, perturb_torch, torch_logits
 from safetensors.numpy import load_file
-from test_lora_parity import build_base, load_hf, perturb_torch, torch_logits
 
 import jpeft
 

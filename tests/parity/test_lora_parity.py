@@ -15,29 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
-import torch
-import transformers
+from hf_bases import FAMILIES, build_base, load_hf, perturb_torch, torch_logits
 from safetensors.numpy import load_file
 
 import jpeft
 
 TOL = 1e-4
-SMALL = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    initializer_range=0.1,
-)
-FAMILIES = {
-    "llama": ("LlamaConfig", {}),
-    "mistral": ("MistralConfig", dict(sliding_window=4)),
-    "qwen2": ("Qwen2Config", {}),
-    "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=True)),
-}
 CONFIGS = {
     "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "rslora": dict(r=4, lora_alpha=16, target_modules=["k_proj", "up_proj"], use_rslora=True),
@@ -79,36 +62,6 @@ def base_of(tmp_path_factory):
     return build
 
 
-def build_base(family: str, path):
-    config_cls, overrides = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**{**SMALL, **overrides})
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    hf.save_pretrained(path, safe_serialization=True)
-    model, params = jpeft.models.from_pretrained(path)
-    ids = np.random.default_rng(1).integers(0, SMALL["vocab_size"], (2, 9))
-    return path, model, params, ids
-
-
-def load_hf(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        path, attn_implementation="eager"
-    ).eval()
-
-
-def perturb_torch(model) -> None:
-    """Move every trainable PEFT parameter away from its init (B non-zero, m != ||W||...)."""
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-
-
 def perturb_jax(adapter: jpeft.Adapter) -> jpeft.Adapter:
     trainable, frozen = jpeft.partition(adapter)
     leaves, treedef = jax.tree.flatten(trainable)
@@ -117,11 +70,6 @@ def perturb_jax(adapter: jpeft.Adapter) -> jpeft.Adapter:
         x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
     ]
     return jpeft.combine(jax.tree.unflatten(treedef, leaves), frozen)
-
-
-def torch_logits(model, ids) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor(ids)).logits.numpy()
 
 
 def config_kwargs(name: str) -> dict:
