@@ -56,7 +56,7 @@ def finetune_parser(sub) -> None:
             "--" + field.name.replace("_", "-"),
             type=kind,
             default=default,
-            help=f"{options[field.name]} (default: {default})",
+            help=f"{options[field.name]} (default: {default})".replace("%", "%%"),
         )
 
 

@@ -183,3 +183,14 @@ def test_generate_with_and_without_adapter(tiny_checkpoint, topic_csv, tmp_path,
     assert cli.main(base) == 0 and cli.main(base + ["--adapter", str(out / "adapter")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(set(line.split()) <= set(WORDS + TOPICS) for line in lines)
+
+
+@pytest.mark.parametrize("command", ["finetune", "generate"])
+def test_help_lists_the_options(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model" in out
+    if command == "finetune":
+        assert "prefix-tuning" in out and "top 40%" in out
