@@ -103,7 +103,7 @@ OTHER_METHODS = {
     "ia3": ["--lr", "5e-2"],
     "prompt-tuning": ["--lr", "1e-1"],
     "p-tuning": ["--lr", "1e-2"],
-    "prefix-tuning": ["--lr", "3e-2"],
+    "prefix-tuning": ["--lr", "1e-1"],
 }
 
 
@@ -186,7 +186,8 @@ def test_generate_with_and_without_adapter(tiny_checkpoint, topic_csv, tmp_path,
 
 
 @pytest.mark.parametrize("command", ["finetune", "generate"])
-def test_help_lists_the_options(command, capsys):
+def test_help_lists_the_options(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # argparse wraps help text to the terminal width
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
     assert exit_info.value.code == 0
