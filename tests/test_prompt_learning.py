@@ -98,6 +98,7 @@ def test_model_fields_are_filled_and_checked(tiny):
     assert prefix.config.token_dim == kv_dim
     assert prefix.config.num_attention_heads == TINY["num_key_value_heads"]
     assert prefix.config.num_layers == TINY["num_hidden_layers"]
+    assert prefix.config.task_type == "CAUSAL_LM" and prefix.config.num_transformer_submodules == 1
     assert prefix.weights["prompt_encoder"]["embedding.weight"].shape == (3, 2 * 2 * kv_dim)
     with pytest.raises(ValueError, match=r"PromptTuningConfig.token_dim=64 but the model has"):
         jpeft.init_adapter(

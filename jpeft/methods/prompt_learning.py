@@ -24,6 +24,7 @@ from jpeft.adapter import PROMPT_ENCODER, Adapter
 from jpeft.config import PeftConfig
 
 EMBEDDING = "embedding.weight"
+CAUSAL_LM = "CAUSAL_LM"  # the task of every jpeft model
 Pieces = dict[str, jax.Array]
 
 
@@ -82,9 +83,14 @@ def model_dims(params: Mapping[str, Any], model: Any) -> dict[str, int | None]:
 
 
 def fill_from_model(config: PromptLearningConfig, model_values: Mapping[str, Any]):
-    """`config` with its None model fields set to `model_values`; a field the user set must
-    agree with the model, else ValueError naming both values."""
-    changes = {"num_transformer_submodules": 1} if config.num_transformer_submodules is None else {}
+    """`config` with its None model fields set to `model_values` (and task_type CAUSAL_LM, without
+    which PEFT's `PeftModel` ignores the prompt); a field the user set must agree with the
+    model, else ValueError naming both values."""
+    changes = {}
+    if config.num_transformer_submodules is None:
+        changes["num_transformer_submodules"] = 1
+    if config.task_type is None:
+        changes["task_type"] = CAUSAL_LM  # PEFT applies prompts only with a task type
     for field, value in model_values.items():
         current = getattr(config, field)
         if current is None:

@@ -88,8 +88,9 @@ def peft_config(method: str):
 
 
 def jpeft_config(method: str):
+    """No task_type: jpeft fills in CAUSAL_LM, without which PEFT would ignore the prompt."""
     cls, kwargs = METHODS[method]
-    return getattr(jpeft, cls)(task_type="CAUSAL_LM", **kwargs)
+    return getattr(jpeft, cls)(**kwargs)
 
 
 def load_hf(path):
@@ -163,7 +164,13 @@ def test_jpeft_adapter_loads_in_peft(base_of, family, method, tmp_path):
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     our_config = json.loads((tmp_path / "jpeft" / "adapter_config.json").read_text())
     their_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    for field in (*MODEL_FIELDS, "encoder_hidden_size", "peft_type", "num_virtual_tokens"):
+    for field in (
+        *MODEL_FIELDS,
+        "encoder_hidden_size",
+        "peft_type",
+        "num_virtual_tokens",
+        "task_type",
+    ):
         assert our_config.get(field) == their_config.get(field), field
 
 
