@@ -9,21 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tiny_models import TINY_LLAMA
 
 import jpeft
 from jpeft import train
 
-TINY = dict(
-    model_type="llama",
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=64,
-)
+TINY = TINY_LLAMA
 
 
 @pytest.fixture(scope="module")

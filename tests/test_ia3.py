@@ -12,23 +12,14 @@ import numpy as np
 import optax
 import peft
 import pytest
+from tiny_models import TINY_LLAMA
 
 import jpeft
 from jpeft import train
 from jpeft.config import config_from_dict
 from jpeft.methods.ia3 import IA3Weight, is_feedforward
 
-TINY = dict(
-    model_type="qwen2",
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=64,
-)
+TINY = {**TINY_LLAMA, "model_type": "qwen2"}
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 # Per-layer weight shapes [out, in] of the tiny model.
 SHAPES = {

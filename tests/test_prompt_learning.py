@@ -10,20 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tiny_models import TINY_LLAMA
 
 import jpeft
 from jpeft import train
 
-TINY = dict(
-    model_type="llama",
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+TINY = TINY_LLAMA
 PROMPT_CONFIGS = {
     "prompt_tuning": jpeft.PromptTuningConfig(num_virtual_tokens=4),
     "p_tuning_lstm": jpeft.PromptEncoderConfig(
@@ -111,34 +103,22 @@ def test_model_fields_are_filled_and_checked(tiny):
         jpeft.init_adapter(params, jpeft.PrefixTuningConfig(num_virtual_tokens=3), key=None)
 
 
+def adapter_for(config, **model_changes):
+    """An adapter made for a tiny model that differs from TINY by `model_changes`."""
+    other = jpeft.models.from_hf_config({**TINY, **model_changes})
+    return jpeft.init_adapter(
+        other.init(jax.random.key(0)), config, key=jax.random.key(0), model=other
+    )
+
+
 def test_adapter_for_another_model_is_refused(tiny):
     model, params, ids = tiny
-    other = jpeft.models.from_hf_config({**TINY, "num_hidden_layers": 3})
-    other_params = other.init(jax.random.key(0))
-    prefix = jpeft.init_adapter(
-        other_params,
-        jpeft.PrefixTuningConfig(num_virtual_tokens=3),
-        key=jax.random.key(0),
-        model=other,
-    )
+    prefix = jpeft.PrefixTuningConfig(num_virtual_tokens=3)
     with pytest.raises(ValueError, match=r"num_layers=3.*model has 2 layers"):
-        model.apply(params, ids, adapter=prefix)
-    wide = jpeft.models.from_hf_config({**TINY, "num_key_value_heads": 4})
-    prefix = jpeft.init_adapter(
-        wide.init(jax.random.key(0)),
-        jpeft.PrefixTuningConfig(num_virtual_tokens=3),
-        key=jax.random.key(0),
-        model=wide,
-    )
+        model.apply(params, ids, adapter=adapter_for(prefix, num_hidden_layers=3))
     with pytest.raises(ValueError, match=r"4 key/value heads.*model has 2 layers and 2 key/value"):
-        model.apply(params, ids, adapter=prefix)
-    wider = jpeft.models.from_hf_config({**TINY, "hidden_size": 64})
-    prompt = jpeft.init_adapter(
-        wider.init(jax.random.key(0)),
-        jpeft.PromptTuningConfig(num_virtual_tokens=3),
-        key=jax.random.key(0),
-        model=wider,
-    )
+        model.apply(params, ids, adapter=adapter_for(prefix, num_key_value_heads=4))
+    prompt = adapter_for(jpeft.PromptTuningConfig(num_virtual_tokens=3), hidden_size=64)
     with pytest.raises(ValueError, match="token_dim=64 but the model's hidden_size is 32"):
         model.generate(params, ids, 2, adapter=prompt)
 

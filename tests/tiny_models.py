@@ -5,6 +5,20 @@ from __future__ import annotations
 import torch
 import transformers
 
+# A tiny Llama for jpeft's own model (`jpeft.models.from_hf_config`), for tests that need no
+# transformers counterpart.
+TINY_LLAMA = dict(
+    model_type="llama",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=64,
+)
+
 
 def random_causal_lm(config_cls: str, config_kwargs: dict, seed: int = 0):
     """A tiny transformers CausalLM (eager attention, eval mode) with randomized norms and biases,

@@ -59,15 +59,7 @@ class PromptEncoderConfig(pl.PromptLearningConfig):
 
 def init_adapter(params, config: PromptEncoderConfig, key, model=None) -> Adapter:
     """The embedding (N(0, 1)) and encoder (torch's default inits) in float32."""
-    dims = pl.model_dims(params, model)
-    config = pl.fill_from_model(
-        config,
-        dict(
-            token_dim=dims["hidden_size"],
-            num_layers=dims["num_layers"],
-            num_attention_heads=dims["num_attention_heads"],
-        ),
-    )
+    config = pl.fill_for_virtual_tokens(config, params, model)
     if config.encoder_hidden_size is None:
         config = config.replace(encoder_hidden_size=config.token_dim)
     if config.encoder_reparameterization_type == "MLP" and config.encoder_num_layers != 2:

@@ -108,6 +108,20 @@ def fill_from_model(config: PromptLearningConfig, model_values: Mapping[str, Any
     return config.replace(**changes)
 
 
+def fill_for_virtual_tokens(config: PromptLearningConfig, params, model):
+    """`fill_from_model` for methods whose virtual tokens live in the embedding space
+    (token_dim = hidden size), as PEFT fills prompt tuning and p-tuning configs."""
+    dims = model_dims(params, model)
+    return fill_from_model(
+        config,
+        dict(
+            token_dim=dims["hidden_size"],
+            num_layers=dims["num_layers"],
+            num_attention_heads=dims["num_attention_heads"],
+        ),
+    )
+
+
 def encoder(adapter: Adapter) -> Pieces:
     """The prompt encoder's parameters, by PEFT's names."""
     return adapter.weights[PROMPT_ENCODER]

@@ -60,15 +60,7 @@ class PromptTuningConfig(pl.PromptLearningConfig):
 
 def init_adapter(params, config: PromptTuningConfig, key, model=None) -> Adapter:
     """Virtual token embeddings [T, hidden] in float32, initialised as `prompt_tuning_init` says."""
-    dims = pl.model_dims(params, model)
-    config = pl.fill_from_model(
-        config,
-        dict(
-            token_dim=dims["hidden_size"],
-            num_layers=dims["num_layers"],
-            num_attention_heads=dims["num_attention_heads"],
-        ),
-    )
+    config = pl.fill_for_virtual_tokens(config, params, model)
     table = jtree.get_path(params, "model.embed_tokens.weight")
     tokens = config.num_virtual_tokens
     if config.prompt_tuning_init == "RANDOM":

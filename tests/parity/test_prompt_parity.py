@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import hf_bases
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,17 +26,8 @@ from tiny_models import random_causal_lm
 import jpeft
 
 TOL = 1e-4
-SMALL = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    initializer_range=0.2,
-    eos_token_id=None,  # transformers' generate would stop at EOS; jpeft's model.generate does not
-)
+# transformers' generate would stop at EOS; jpeft's model.generate does not.
+SMALL = {**hf_bases.SMALL, "initializer_range": 0.2, "eos_token_id": None}
 FAMILIES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}
 METHODS = {
     "prompt_tuning": ("PromptTuningConfig", dict(num_virtual_tokens=5)),
