@@ -1,0 +1,200 @@
+"""bitsandbytes' 4-bit weight formats (NF4, FP4, optional double quantization) in jnp.
+
+A weight W of n elements is flattened row-major and cut into blocks of `blocksize`; the last block
+may be partial. Each block keeps its absmax (float32) and, per element, the 4-bit code nearest to
+x / absmax. Two codes share a byte, the first element in the high nibble. With double
+quantization the absmax values are stored as uint8 codes of the 8-bit dynamic map: their mean
+(`offset`) is subtracted, and the deviations are quantized in blocks of 256 with their own
+float32 absmax (`nested_absmax`).
+
+`quantize` reproduces the bytes of `bitsandbytes.functional.quantize_4bit` on CPU (0.50), and
+`dequantize` the values of `dequantize_4bit`. Two limits, both from the platforms: XLA flushes
+subnormal floats to zero, so a block whose absmax or its reciprocal is subnormal (weights under
+1.2e-38 or over 8.5e37 in magnitude) comes out otherwise; and the double-quantization offset
+follows one torch thread's summation order (see `torch_sum`), which a multi-threaded torch may
+leave for layers of 32768 blocks or more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jpeft.quant import codebooks
+from jpeft.quant.torch_sum import torch_cpu_mean
+
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+NESTED_BLOCKSIZE = 256
+_MIN_PARTIAL_ABSMAX = np.float32(1e-38)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["packed", "absmax", "nested_absmax", "nested_code", "offset"],
+    meta_fields=["quant_type", "blocksize", "shape", "dtype", "nested_blocksize"],
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A 4-bit weight as a pytree; the arrays are leaves, the format is static.
+
+    packed: uint8 [(n + 1) // 2], flat (bitsandbytes saves it as [(n + 1) // 2, 1]); element 2i
+        in the high nibble of byte i, element 2i + 1 in the low one (code 7 for NF4 and code 0
+        for FP4 pad an odd n).
+    absmax: float32 [blocks], or uint8 [blocks] codes into `nested_code` with double quantization.
+    nested_absmax: float32 [ceil(blocks / nested_blocksize)], or None without double quantization.
+    nested_code: float32 [256], the map that `absmax` codes index, or None.
+    offset: float32 [], added back to the dequantized absmax, or None.
+    quant_type: "nf4" or "fp4". blocksize: elements per block. shape: the weight's shape.
+    dtype: the weight's dtype name ("float32", "bfloat16" or "float16").
+    """
+
+    packed: jax.Array
+    absmax: jax.Array
+    quant_type: str
+    blocksize: int
+    shape: tuple[int, ...]
+    dtype: str
+    nested_absmax: jax.Array | None = None
+    nested_code: jax.Array | None = None
+    offset: jax.Array | None = None
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.size // self.blocksize)
+
+
+def check_format(quant_type: str, blocksize: int) -> None:
+    """Raise ValueError unless bitsandbytes supports this 4-bit type and blocksize."""
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(
+            f"blocksize {blocksize!r} is not supported by bitsandbytes; use one of {BLOCKSIZES}"
+        )
+
+
+def quantize(
+    w: jax.Array, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False
+) -> QuantizedTensor:
+    """Quantize `w` (any shape; float32, bfloat16 or float16) to bitsandbytes' 4-bit format.
+
+    Gives the bytes of `bitsandbytes.functional.quantize_4bit(w, blocksize=blocksize,
+    quant_type=quant_type, compress_statistics=double_quant)`. Works under `jax.jit`.
+    """
+    check_format(quant_type, blocksize)
+    dtype = np.dtype(getattr(w, "dtype", None))
+    if dtype.name not in FLOAT_DTYPES:
+        raise ValueError(
+            f"bitsandbytes 4-bit quantization takes {', '.join(FLOAT_DTYPES)} weights, "
+            f"got {dtype.name}; cast the weight first"
+        )
+    shape = tuple(np.shape(w))
+    if math.prod(shape) == 0:
+        raise ValueError(f"cannot quantize an empty weight of shape {shape}")
+    arrays = _quantize(jnp.ravel(jnp.asarray(w)), quant_type, blocksize, double_quant)
+    return QuantizedTensor(
+        quant_type=quant_type, blocksize=blocksize, shape=shape, dtype=dtype.name, **arrays
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize(
+    flat: jax.Array, quant_type: str, blocksize: int, double_quant: bool
+) -> dict[str, jax.Array]:
+    codes, absmax = _quantize_4bit(flat.astype(jnp.float32), quant_type, blocksize)
+    arrays = {"packed": (codes[0::2] << 4) | codes[1::2], "absmax": absmax}
+    if double_quant:
+        arrays.update(_quantize_absmax(absmax))
+    return arrays
+
+
+def _blocks(x: jax.Array, blocksize: int) -> jax.Array:
+    """[n] -> [ceil(n / blocksize), blocksize], zero padded."""
+    rows = -(-x.shape[0] // blocksize)
+    return jnp.pad(x, (0, rows * blocksize - x.shape[0])).reshape(rows, blocksize)
+
+
+def _quantize_4bit(flat: jax.Array, quant_type: str, blocksize: int):
+    """float32 [n] -> (uint8 codes [2 * ceil(n / 2)], float32 absmax [blocks])."""
+    n = flat.shape[0]
+    blocks = _blocks(flat, blocksize)
+    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    nonzero = absmax > 0
+    safe = jnp.where(nonzero, absmax, 1.0)
+    # bitsandbytes scales full blocks by a rounded reciprocal of absmax and divides the partial
+    # last block, whose stored absmax is at least 1e-38; an all-zero block scales to zeros.
+    scaled = blocks * jnp.where(nonzero, 1.0 / safe, 0.0)[:, None]
+    if n % blocksize:
+        # XLA would turn a division by a broadcast scalar into a product with its reciprocal.
+        divisor = lax.optimization_barrier(jnp.broadcast_to(safe[-1], blocks[-1].shape))
+        scaled = scaled.at[-1].set(blocks[-1] / divisor)
+        absmax = absmax.at[-1].set(jnp.where(nonzero[-1], absmax[-1], _MIN_PARTIAL_ABSMAX))
+    scaled = scaled.reshape(-1)[: n + n % 2]
+    bounds, order = codebooks.bucket_bounds(quant_type)
+    bucket = jnp.searchsorted(jnp.asarray(bounds), scaled, side="left", method="compare_all")
+    return jnp.asarray(order)[bucket], absmax
+
+
+def _quantize_absmax(absmax: jax.Array) -> dict[str, jax.Array]:
+    """Double quantization: absmax [blocks] -> uint8 codes, nested absmax, offset, code map.
+
+    The deviations from the mean are scaled per block of 256 by the rounded reciprocal of the
+    block's absolute maximum and coded by bitsandbytes' CPU rule (`codebooks.dynamic_thresholds`);
+    a block of zero deviations, where bitsandbytes computes 0 / 0, gets code 0.
+    """
+    offset = torch_cpu_mean(absmax)
+    deviations = _blocks(absmax - offset, NESTED_BLOCKSIZE)
+    nested_absmax = jnp.max(jnp.abs(deviations), axis=1)
+    inverse = 1.0 / jnp.where(nested_absmax > 0, nested_absmax, 1.0)
+    scaled = (deviations * inverse[:, None]).reshape(-1)[: absmax.shape[0]]
+    thresholds = jnp.asarray(codebooks.dynamic_thresholds())
+    codes = jnp.searchsorted(thresholds, scaled, side="right", method="compare_all")
+    codes = codes.astype(jnp.uint8)
+    is_zero_block = jnp.repeat(nested_absmax == 0, NESTED_BLOCKSIZE)[: absmax.shape[0]]
+    return {
+        "absmax": jnp.where(is_zero_block, jnp.uint8(0), codes),
+        "nested_absmax": nested_absmax,
+        "nested_code": jnp.asarray(codebooks.dynamic_map()),
+        "offset": offset,
+    }
+
+
+def block_absmax(q: QuantizedTensor) -> jax.Array:
+    """float32 [blocks]: each block's scale, undoing double quantization if there is one."""
+    if not q.double_quant:
+        return q.absmax
+    scales = jnp.repeat(q.nested_absmax, q.nested_blocksize)[: q.absmax.shape[0]]
+    product = q.nested_code[q.absmax.astype(jnp.int32)] * scales
+    # XLA fuses a product feeding a sum into one fused multiply-add, rounded once; bitsandbytes
+    # rounds the product first. A select between the two keeps them apart.
+    product = jnp.where(product == product, product, 0.0)
+    return product + q.offset
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def dequantize(q: QuantizedTensor, dtype: jax.typing.DTypeLike | None = None) -> jax.Array:
+    """The weight [*q.shape] in `dtype` (default: the original dtype): code value x block absmax
+    in float32, then cast, as `bitsandbytes.functional.dequantize_4bit`."""
+    n = q.size
+    codes = jnp.stack([q.packed >> 4, q.packed & 0x0F], axis=-1).reshape(-1)[:n]
+    values = jnp.asarray(codebooks.CODES[q.quant_type])[codes.astype(jnp.int32)]
+    scaled = _blocks(values, q.blocksize) * block_absmax(q)[:, None]
+    out_dtype = jnp.dtype(q.dtype if dtype is None else dtype)
+    return scaled.reshape(-1)[:n].astype(out_dtype).reshape(q.shape)
