@@ -30,6 +30,7 @@ import numpy as np
 
 from jpeft import tree as jtree
 from jpeft.config import PeftConfig
+from jpeft.quant.params import dequantize_params, requantize_like
 
 Array = jax.Array
 Pieces = dict[str, Array]
@@ -75,6 +76,9 @@ class Method:
         layers that have the adapter, or None.
     module_constants(config, module_name, pieces) -> {name: float}
     check_shapes(config, module_name, base_shape, pieces) -> None, or ValueError naming both shapes
+    piece_axes: {piece name: per piece axis, the base weight axis it runs along (0 = out,
+        1 = in, HF orientation) or None}; sharding splits a piece as its base axis is split
+        (LoRA's A [r, in] is (None, 1)); undeclared pieces are replicated
     to_saved(adapter) -> adapter: the form PEFT writes (LoRA: PiSSA/OLoRA as plain LoRA)
     from_saved(adapter, params, source) -> adapter: undo what PEFT's file leaves out
 
@@ -89,6 +93,7 @@ class Method:
     make_node: Callable[..., Any] | None = None
     module_constants: Callable[[PeftConfig, str, Pieces], dict[str, float]] | None = None
     check_shapes: Callable[[PeftConfig, str, tuple, Pieces], None] | None = None
+    piece_axes: Mapping[str, tuple[int | None, ...]] = dataclasses.field(default_factory=dict)
     to_saved: Callable[[Adapter], Adapter] | None = None
     from_saved: Callable[[Adapter, Any, str], Adapter] | None = None
     prompt: Callable[[Adapter, Array | None], Prompt] | None = None
@@ -265,7 +270,7 @@ def _make_node(method: Method, adapter: Adapter, base, layer_names, num_layers, 
     if num_layers is None:
         name = layer_names[None]
         pieces = adapter.weights[name]
-        method.check_shapes(config, name, tuple(np.shape(base)), pieces)
+        method.check_shapes(config, name, jtree.leaf_shape(base), pieces)
         constants = {
             k: jnp.float32(v) for k, v in method.module_constants(config, name, pieces).items()
         }
@@ -278,7 +283,7 @@ def _make_node(method: Method, adapter: Adapter, base, layer_names, num_layers, 
                 f"adapter module {name!r}: layer {layer} does not exist, the model has "
                 f"{num_layers} layers"
             )
-        method.check_shapes(config, name, tuple(np.shape(base))[1:], adapter.weights[name])
+        method.check_shapes(config, name, jtree.leaf_shape(base)[1:], adapter.weights[name])
     pieces = _stack_layers(adapter.weights, layer_names, num_layers)
     frozen = _stack_layers(adapter.frozen, layer_names, num_layers)
     constants = _stack_constants(method, config, adapter.weights, layer_names, num_layers)
@@ -341,14 +346,26 @@ def _apply_overrides(params: Mapping[str, Any], overrides: Mapping[str, Array]):
 # merge / unmerge
 
 
-def merge(params: Mapping[str, Any], adapter: Adapter) -> dict[str, Any]:
+def merge(
+    params: Mapping[str, Any], adapter: Adapter, *, requantize: bool = False
+) -> dict[str, Any]:
     """PEFT's `merge_and_unload`: a plain param tree with the adapter folded into the weights.
 
     A node may also change its module's bias (IA3 scales the bias of an output-scaled module).
+
+    4-bit quantized weights (QLoRA) are dequantized, each to the dtype it was quantized from, and
+    the result is a float tree by default: quantizing a merged weight again rounds it to the
+    4-bit grid anew, an error as large as a small fine-tune's change, so the adapter's effect
+    can be lost. With `requantize=True` the merged weights are quantized again in their format
+    (for a 4-bit checkpoint, accepting that error) and the untouched ones are kept as they were.
     """
     _check_mergeable(adapter, "merge")
-    injected = inject(params, adapter)
-    return _map_modules(injected, "merged_weight", "merged_bias")
+    injected = inject(dequantize_params(params), adapter)
+    merged = _map_modules(injected, "merged_weight", "merged_bias")
+    if not requantize:
+        return merged
+    targeted = {f"{path}.weight" for path in _group_by_tree_path(params, adapter.weights)}
+    return requantize_like(merged, params, targeted)
 
 
 def unmerge(merged: Mapping[str, Any], adapter: Adapter) -> dict[str, Any]:

@@ -47,6 +47,7 @@ def finetune_parser(sub) -> None:
         "test_size": "examples held out for the accuracy test",
         "eval_batch_size": "examples per evaluation forward",
         "seed": "seed of the split, init and order",
+        "quantize": "load the base quantized to 4 bits, nf4 or fp4, double-quantized (QLoRA)",
     }
     none_default_kinds = {"train_layers": int, "lr": float}
     for field in dataclasses.fields(FinetuneConfig):

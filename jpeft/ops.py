@@ -6,6 +6,10 @@ holds the frozen base weight together with the adapter pieces for that module (L
 Each method defines its own node class in `jpeft/methods/`; the node knows how to compute its
 linear op and its merged weight, so adding a method never touches this file.
 
+A base weight may also be a 4-bit `jpeft.quant.QuantizedTensor` (QLoRA): `dense` then runs the
+quantized matmul, whose backward keeps no float copy of the weight, and an adapter node holding a
+quantized base goes through the same `dense`.
+
 Weights are stored in Hugging Face orientation, `[out_features, in_features]`, so that param
 paths and shapes map one to one onto PyTorch checkpoints and PEFT files.
 """
@@ -17,6 +21,9 @@ from typing import Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jpeft.quant.formats import QuantizedTensor, dequantize
+from jpeft.quant.matmul import quantized_matmul, quantized_matmul_transposed
 
 
 @runtime_checkable
@@ -30,12 +37,31 @@ class AdaptedWeight(Protocol):
         """`ids` [...] int -> [..., dim], for adapters placed on an embedding table."""
 
 
-def dense(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """Plain `x @ w.T + bias`: `x` [..., in], `w` [out, in], `bias` [out] -> [..., out]."""
-    y = lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())))
+def dense(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
+    """Plain `x @ w.T + bias`: `x` [..., in], `w` [out, in] (an array or a quantized weight),
+    `bias` [out] -> [..., out]."""
+    if isinstance(w, QuantizedTensor):
+        y = quantized_matmul(x, w)
+    else:
+        y = lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())))
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
+
+
+def dense_transposed(g: jax.Array, w) -> jax.Array:
+    """`g @ w`: `g` [..., out], `w` [out, in] (an array or a quantized weight) -> [..., in]; the
+    input gradient of `dense`."""
+    if isinstance(w, QuantizedTensor):
+        return quantized_matmul_transposed(g, w)
+    return lax.dot_general(g, w.astype(g.dtype), (((g.ndim - 1,), (0,)), ((), ())))
+
+
+def as_array(w, dtype: jax.typing.DTypeLike | None = None) -> jax.Array:
+    """The weight as an array in `dtype` (default: its own): a quantized weight is dequantized."""
+    if isinstance(w, QuantizedTensor):
+        return dequantize(w, dtype)
+    return w if dtype is None else w.astype(dtype)
 
 
 def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:

@@ -110,7 +110,7 @@ def hf_modules(params: Mapping[str, Any]) -> list[ModuleRef]:
         tree_path = path[: -len(".weight")]
         parts = tree_path.split(".")
         stacked_at = _stacked_position(params, parts)
-        shape = tuple(np.shape(_base_array(leaf)))
+        shape = leaf_shape(leaf)
         kind = "embedding" if parts[-1] in EMBEDDING_NAMES else "linear"
         if stacked_at is None:
             if len(shape) == 2:
@@ -149,9 +149,14 @@ def hf_leaf_names(params: Mapping[str, Any]) -> list[str]:
         if stacked_at is None:
             names.append(path)
             continue
-        for layer in range(np.shape(_base_array(leaf))[0]):
+        for layer in range(leaf_shape(leaf)[0]):
             names.append(".".join(parts[: stacked_at + 1] + [str(layer)] + parts[stacked_at + 1 :]))
     return names
+
+
+def is_stacked_leaf(params: Mapping[str, Any], path: str) -> bool:
+    """Whether the leaf at dotted `path` lies in a stacked container (layer index on axis 0)."""
+    return _stacked_position(params, path.split(".")) is not None
 
 
 def _stacked_position(params: Mapping[str, Any], parts: list[str]) -> int | None:
@@ -163,9 +168,17 @@ def _stacked_position(params: Mapping[str, Any], parts: list[str]) -> int | None
     return None
 
 
-def _base_array(leaf: Any) -> Any:
-    """The frozen base weight of a leaf that may be an adapted weight node."""
-    return getattr(leaf, "base", leaf)
+def leaf_shape(leaf: Any) -> tuple[int, ...]:
+    """The shape of a param leaf: an array, a quantized weight, or an adapted node's base."""
+    base = getattr(leaf, "base", leaf)
+    return tuple(base.shape) if hasattr(base, "shape") else tuple(np.shape(base))
+
+
+def layer_of(leaf: Any, layer: int | None) -> Any:
+    """One layer's slice of a stacked leaf (an array or a quantized weight); `leaf` if None."""
+    if layer is None:
+        return leaf
+    return jax.tree.map(lambda a: a[layer], leaf)
 
 
 def hf_param_path(params: Mapping[str, Any], hf_name: str) -> tuple[str, int | None]:

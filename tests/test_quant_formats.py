@@ -254,7 +254,7 @@ def test_from_bnb_reads_linear4bit_state_dict(shape, quant_type, blocksize, doub
     param, state = linear4bit_state(w, quant_type, blocksize, double_quant)
     prefixed = {f"model.layers.0.mlp.down_proj.{key}": value for key, value in state.items()}
     q = quant.from_bnb(prefixed, prefix="model.layers.0.mlp.down_proj.")
-    assert (q.quant_type, q.blocksize, q.shape) == (quant_type, blocksize, shape)
+    assert (q.quant_type, q.blocksize, q.weight_shape) == (quant_type, blocksize, shape)
     assert q.dtype == "float32" and q.double_quant == double_quant
     expected = F.dequantize_4bit(param.data, param.quant_state).numpy()
     np.testing.assert_array_equal(np.asarray(quant.dequantize(q)), expected)
@@ -301,7 +301,11 @@ def test_quantized_tensor_is_a_pytree_and_jits():
     leaves, treedef = jax.tree_util.tree_flatten(q)
     assert len(leaves) == 5
     rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
-    assert (rebuilt.quant_type, rebuilt.shape, rebuilt.double_quant) == ("nf4", (33, 70), True)
+    assert (rebuilt.quant_type, rebuilt.weight_shape, rebuilt.double_quant) == (
+        "nf4",
+        (33, 70),
+        True,
+    )
     plain = quant.quantize(w, "fp4", 64)
     assert len(jax.tree_util.tree_leaves(plain)) == 2 and not plain.double_quant
     jitted = jax.jit(lambda x: quant.quantize(x, "fp4", 64))(w)

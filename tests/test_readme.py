@@ -65,3 +65,14 @@ def test_methods_block_runs(checkpoint, tmp_path, monkeypatch):
     assert scope["tokens"].shape == (2, 5 + 8)
     for peft_type in ("IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
         assert (tmp_path / "out" / peft_type / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_block_runs(checkpoint, tmp_path, monkeypatch):
+    block = next(b for b in python_blocks() if 'quantize="nf4"' in b)
+    monkeypatch.chdir(tmp_path)
+    scope = {"input_ids": jax.random.randint(jax.random.key(0), (2, 5), 0, 64)}
+    exec(block.replace("path/to/hf_checkpoint", str(checkpoint)), scope)
+    assert scope["logits"].shape == (2, 5, 64)
+    q_proj = scope["params"]["model"]["layers"]["self_attn"]["q_proj"]["weight"]
+    assert type(q_proj).__name__ == "QuantizedTensor" and q_proj.double_quant
+    assert (tmp_path / "out" / "qlora" / "adapter_model.safetensors").is_file()

@@ -52,6 +52,7 @@ class FinetuneConfig:
     data: str | None = None
     output_dir: str = "jpeft-output"
     method: str = "lora"
+    quantize: str | None = None  # "nf4" / "fp4": a 4-bit base (QLoRA), double-quantized
     r: int = 16
     lora_alpha: float = 32
     lora_dropout: float = 0.0
@@ -86,7 +87,12 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
         else jdata.local_file(config.data, config.test_size, config.seed)
     )
     log(f"loading {model_path}")
-    model, params = jpeft.models.from_pretrained(model_path)
+    try:
+        model, params = jpeft.models.from_pretrained(
+            model_path, quantize=config.quantize, double_quant=config.quantize is not None
+        )
+    except ValueError as err:
+        raise JobError(f"--model {model_path}: {err}") from None
     tokenizer = jpeft.models.load_tokenizer(model_path)
     max_positions = model.config.max_position_embeddings
     if config.seq_len > max_positions:

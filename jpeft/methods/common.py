@@ -10,6 +10,15 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import tree as jtree
+from jpeft.quant import QuantizedTensor
+
+
+def adapter_dtype(weight: Any) -> jnp.dtype:
+    """The dtype of adapter pieces for a base weight: its own, or float32 for a 4-bit weight
+    (PEFT keeps adapters on bitsandbytes layers in float32 as well)."""
+    if isinstance(weight, QuantizedTensor):
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(weight.dtype)
 
 
 def model_type_of(model: Any) -> str | None:
@@ -36,5 +45,10 @@ def base_leaf_copies(params: Mapping[str, Any], names: Iterable[str]) -> dict[st
     for name in dict.fromkeys(names):
         tree_path, layer = jtree.hf_param_path(params, name)
         leaf = jtree.get_path(params, jtree.tied_head_source(params, tree_path))
+        if isinstance(leaf, QuantizedTensor):
+            raise ValueError(
+                f"{name} is a 4-bit quantized weight, which cannot be trained; leave it out of "
+                "modules_to_save, or load that module unquantized"
+            )
         copies[name] = jnp.array(leaf if layer is None else leaf[layer])
     return copies

@@ -145,7 +145,7 @@ jax.tree_util.register_dataclass(
 def make_node(base, pieces, frozen, constants, active, dropout_key, config) -> IA3Weight:
     """The adapted weight for one (possibly stacked) module; see `jpeft.adapter.Method`."""
     vector = pieces[L_KEY]
-    return IA3Weight(base, vector, active, _feedforward_shape(np.shape(base), np.shape(vector)))
+    return IA3Weight(base, vector, active, _feedforward_shape(base.shape, np.shape(vector)))
 
 
 def _feedforward_shape(base_shape: tuple, vector_shape: tuple) -> bool:
@@ -205,7 +205,7 @@ def init_adapter(params, config: IA3Config, key, model=None) -> Adapter:
             )
         out_dim, in_dim = ref.shape
         shape = (1, in_dim) if feedforward[ref.name] else (out_dim, 1)
-        dtype = jtree.get_path(params, f"{ref.tree_path}.weight").dtype
+        dtype = common.adapter_dtype(jtree.get_path(params, f"{ref.tree_path}.weight"))
         vector = _init_vector(config, shape, jax.random.fold_in(key, index))
         weights[ref.name] = {L_KEY: vector.astype(dtype)}
     saved = targeting.resolve_modules_to_save(params, config.modules_to_save or ())
@@ -258,6 +258,7 @@ register_method(
     Method(
         init_adapter=init_adapter,
         piece_names=(L_KEY,),
+        piece_axes={L_KEY: (0, 1)},  # [out, 1] or [1, in]: the size-1 axis stays whole
         make_node=make_node,
         module_constants=module_constants,
         check_shapes=check_shapes,

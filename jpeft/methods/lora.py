@@ -30,6 +30,8 @@ from jpeft.adapter import Adapter, Method, register_method
 from jpeft.config import PeftConfig, register_config
 from jpeft.methods import common
 from jpeft.methods.lora_ops import lora_embed, lora_linear
+from jpeft.ops import as_array
+from jpeft.quant import QuantizedTensor
 
 A_KEY, B_KEY, MAG_KEY = "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"
 EMB_A_KEY, EMB_B_KEY = "lora_embedding_A", "lora_embedding_B"
@@ -319,13 +321,19 @@ def _init_linear(config: LoraConfig, name: str, weight, key) -> tuple[dict, dict
         frozen = {A_KEY: lora_a, B_KEY: lora_b}
     pieces = {A_KEY: lora_a, B_KEY: lora_b}
     if config.use_dora:
-        w = jnp.asarray(weight, jnp.float32)
+        w = as_array(weight, jnp.float32)
         pieces[MAG_KEY] = jnp.linalg.norm(w + scaling * (lora_b @ lora_a), axis=1)
     return pieces, frozen
 
 
 def _decomposition_init(config: LoraConfig, weight, rank: int, scaling: float, key):
     """PiSSA (principal singular vectors) or OLoRA (QR) factors with s B A = top part of W."""
+    if isinstance(weight, QuantizedTensor):
+        raise ValueError(
+            f"init_lora_weights={config.init_lora_weights!r} decomposes the base weight, which is "
+            "4-bit quantized here (PEFT refuses this too); initialise on the float model, save "
+            "the adapter converted to plain LoRA, and load the float base quantized afterwards"
+        )
     w = jnp.asarray(weight, jnp.float32)
     if config.init_lora_weights == "olora":
         q, r = jnp.linalg.qr(w)
@@ -356,8 +364,7 @@ def frozen_start(params, config: LoraConfig, module_names: list[str]) -> dict:
     frozen = {}
     for name in module_names:
         tree_path, layer = jtree.hf_param_path(params, f"{name}.weight")
-        base = jtree.get_path(params, tree_path)
-        weight = base if layer is None else base[layer]
+        weight = jtree.layer_of(jtree.get_path(params, tree_path), layer)
         lora_a, lora_b = _decomposition_init(
             config, weight, config.rank_for(name), config.scaling_for(name), jax.random.key(0)
         )
@@ -385,7 +392,7 @@ def init_adapter(params, config: LoraConfig, key, model=None) -> Adapter:
     weights, frozen = {}, {}
     for index, ref in enumerate(targets):
         base = jtree.get_path(params, f"{ref.tree_path}.weight")
-        weight = base if ref.layer is None else base[ref.layer]
+        weight = jtree.layer_of(base, ref.layer)
         module_key = jax.random.fold_in(key, index)
         if ref.kind == "embedding":
             if config.has_residual_init:
@@ -395,9 +402,10 @@ def init_adapter(params, config: LoraConfig, key, model=None) -> Adapter:
             weights[ref.name] = _init_embedding(config, ref.name, weight, module_key)
             continue
         pieces, start = _init_linear(config, ref.name, weight, module_key)
-        weights[ref.name] = {k: v.astype(weight.dtype) for k, v in pieces.items()}
+        dtype = common.adapter_dtype(weight)
+        weights[ref.name] = {k: v.astype(dtype) for k, v in pieces.items()}
         if start:
-            frozen[ref.name] = {k: v.astype(weight.dtype) for k, v in start.items()}
+            frozen[ref.name] = {k: v.astype(dtype) for k, v in start.items()}
     overrides = _trainable_base_leaves(params, config, [ref.name for ref in targets])
     return Adapter(config, weights, overrides, frozen)
 
@@ -461,6 +469,14 @@ register_method(
     Method(
         init_adapter=init_adapter,
         piece_names=(A_KEY, B_KEY, MAG_KEY, EMB_A_KEY, EMB_B_KEY),
+        # A [r, in], B [out, r], magnitude [out]; on a table [vocab, dim]: A [r, vocab], B [dim, r]
+        piece_axes={
+            A_KEY: (None, 1),
+            B_KEY: (0, None),
+            MAG_KEY: (0,),
+            EMB_A_KEY: (None, 0),
+            EMB_B_KEY: (1, None),
+        },
         make_node=make_node,
         module_constants=module_constants,
         check_shapes=check_shapes,

@@ -3,6 +3,8 @@
 `lora_linear` is the op every LoRA-adapted projection runs. Its plain-LoRA path is a `custom_vjp`
 whose backward computes only what training needs: dX = dY W + s (dY B) A and the factor gradients,
 saving x and x A^T as residuals; the frozen W is never differentiated (no weight-sized gradient).
+W may be a 4-bit quantized weight (QLoRA); `dense` and `dense_transposed` then run the quantized
+matmul, and the residual W is its packed codes and scales.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jpeft.ops import dense
+from jpeft.ops import as_array, dense, dense_transposed
 
 if TYPE_CHECKING:
     from jpeft.methods.lora import LoraEmbedding, LoraWeight
@@ -34,13 +36,14 @@ def _matmul_last(x: jax.Array, w: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _factored_lora(x, xd, base, lora_a, lora_b, scaling):
-    """x W^T + s (xd A^T) B^T: x, xd [..., in]; base [out, in]; A [r, in]; B [out, r]."""
-    return _matmul_last(x, base) + _matmul_last(_matmul_last(xd, lora_a), lora_b) * scaling
+    """x W^T + s (xd A^T) B^T: x, xd [..., in]; base [out, in] (array or quantized); A [r, in];
+    B [out, r]."""
+    return dense(x, base) + _matmul_last(_matmul_last(xd, lora_a), lora_b) * scaling
 
 
 def _factored_lora_fwd(x, xd, base, lora_a, lora_b, scaling):
     hidden = _matmul_last(xd, lora_a)
-    out = _matmul_last(x, base) + _matmul_last(hidden, lora_b) * scaling
+    out = dense(x, base) + _matmul_last(hidden, lora_b) * scaling
     return out, (xd, hidden, base, lora_a, lora_b, scaling)
 
 
@@ -48,9 +51,7 @@ def _factored_lora_bwd(residuals, grad_out):
     xd, hidden, base, lora_a, lora_b, scaling = residuals
     rows = grad_out.reshape(-1, grad_out.shape[-1])
     grad_hidden = _matmul_last(grad_out, lora_b.T) * scaling  # [..., r]
-    grad_x = lax.dot_general(
-        grad_out, base.astype(grad_out.dtype), (((grad_out.ndim - 1,), (0,)), ((), ()))
-    )
+    grad_x = dense_transposed(grad_out, base)
     grad_xd = _matmul_last(grad_hidden, lora_a.T)
     grad_b = (rows.T @ hidden.reshape(-1, hidden.shape[-1])) * scaling
     grad_a = grad_hidden.reshape(-1, grad_hidden.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])
@@ -91,7 +92,7 @@ def _start_term(x: jax.Array, w: LoraWeight, scaling: jax.Array) -> jax.Array:
 
 def _dora_factor(w: LoraWeight) -> jax.Array:
     """m / ||W + s B A||_row [out], the norm without gradient; 1 on layers without the adapter."""
-    weight = w.base.astype(jnp.float32) + lax.stop_gradient(w.delta().astype(jnp.float32))
+    weight = as_array(w.base, jnp.float32) + lax.stop_gradient(w.delta().astype(jnp.float32))
     norm = lax.stop_gradient(jnp.linalg.norm(weight, axis=-1))
     factor = w.magnitude.astype(jnp.float32) / norm
     if w.active is not None:

@@ -2,8 +2,9 @@
 
 Loading streams: `iter_checkpoint_tensors` yields `(hf_name, np.ndarray)` one tensor at a time
 from memory-mapped safetensors files, and `place_tensors` copies each into preallocated stacked
-numpy buffers (casting to the target dtype), so a per-tensor hook (e.g. quantization) can be put
-between the two. Pickled checkpoints (`pytorch_model.bin`) are never opened.
+numpy buffers (casting to the target dtype); a linear weight to be quantized is quantized as it
+arrives instead, and a bitsandbytes 4-bit checkpoint's weights arrive already quantized (see
+`bnb_checkpoint`). Pickled checkpoints (`pytorch_model.bin`) are never opened.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can return it)
 import numpy as np
-from safetensors import safe_open
 
+from jpeft import tree as jtree
+from jpeft.models import bnb_checkpoint, safetensors_file
 from jpeft.models.llama import (
     FULL_ATTENTION,
     SLIDING_ATTENTION,
@@ -29,6 +30,7 @@ from jpeft.models.llama import (
     param_shapes,
 )
 from jpeft.models.rope import RopeScaling
+from jpeft.quant import QuantConfig, QuantizedTensor, default_compute_dtype, stack
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ARCHITECTURES = (
@@ -175,12 +177,19 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     raise FileNotFoundError(f"no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {str(root)!r}")
 
 
+def checkpoint_keys(path: str | Path) -> list[str]:
+    """The tensor names of the checkpoint, read from the safetensors headers only."""
+    return [name for file in checkpoint_files(path) for name in safetensors_file.header(file)]
+
+
 def iter_checkpoint_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield `(hf_name, array)` for each tensor of the checkpoint, one at a time (mmapped)."""
+    """Yield `(hf_name, array)` for each tensor of the checkpoint, one at a time.
+
+    Each tensor is read into its own array (no memory map, whose touched pages would count
+    towards the process's resident memory until the whole file is closed).
+    """
     for file in checkpoint_files(path):
-        with safe_open(file, framework="numpy") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        yield from safetensors_file.read_tensors(file)
 
 
 def hf_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], int | None]]:
@@ -199,19 +208,27 @@ def hf_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], int | None
 
 def place_tensors(
     config: ModelConfig,
-    tensors: Iterable[tuple[str, np.ndarray]],
+    tensors: Iterable[tuple[str, np.ndarray | QuantizedTensor]],
     dtype: Any = jnp.float32,
     source: str = "checkpoint",
+    quantization: QuantConfig | None = None,
 ) -> Params:
     """Copy streamed `(hf_name, array)` pairs into the stacked param tree, cast to `dtype`.
+
+    With `quantization`, each linear weight it covers is cast to `dtype` and quantized as it
+    arrives, so no float copy of those weights is kept. A value that is already a
+    `QuantizedTensor` (a bitsandbytes checkpoint) is placed as it is. Layers of a stacked weight
+    are stacked at the end, and each buffer becomes a device array in turn.
 
     Raises ValueError naming `source` and the tensor on a wrong shape, an unexpected name or
     missing tensors. `lm_head.weight` is skipped when the config ties embeddings.
     """
     np_dtype = np.dtype(dtype)
-    shapes = param_shapes(config)
-    buffers = jax.tree.map(lambda s: np.empty(s, np_dtype), shapes, is_leaf=is_shape)
     names = hf_names(config)
+    shapes = param_shapes(config)
+    buffers: dict[tuple[str, ...], np.ndarray] = {}  # stacked leaves, filled layer by layer
+    leaves: dict[tuple[str, ...], Any] = {}
+    quantized: dict[tuple[str, ...], dict[int | None, QuantizedTensor]] = {}
     seen, unexpected = set(), []
     for name, array in tensors:
         if name not in names:
@@ -219,15 +236,28 @@ def place_tensors(
                 unexpected.append(name)
             continue
         path, layer = names[name]
-        buffer = _get(buffers, path)
-        target = buffer if layer is None else buffer[layer]
-        if tuple(array.shape) != target.shape:
+        expected = _layer_shape(shapes, path)
+        is_quantized = isinstance(array, QuantizedTensor)
+        shape = tuple(array.weight_shape if is_quantized else array.shape)
+        if shape != expected:
             raise ValueError(
-                f"{source}: tensor {name!r} has shape {tuple(array.shape)}, expected "
-                f"{target.shape} for this {config.model_type} config"
+                f"{source}: tensor {name!r} has shape {shape}, expected {expected} for this "
+                f"{config.model_type} config"
             )
-        target[...] = array.astype(np_dtype, copy=False)
+        module_path = ".".join(path[:-1])
+        if not is_quantized and quantization and quantization.quantizes(module_path, shape):
+            array = quantization.quantize(array.astype(np_dtype, copy=False))
+            is_quantized = True
+        if is_quantized:
+            quantized.setdefault(path, {})[layer] = array
+        elif layer is None:  # complete: straight to the device, one copy
+            leaves[path] = jax.device_put(array.astype(np_dtype, copy=False))
+        else:
+            if path not in buffers:
+                buffers[path] = np.empty(_get(shapes, path), np_dtype)
+            buffers[path][layer] = array.astype(np_dtype, copy=False)
         seen.add(name)
+        del array  # before the next tensor is read
     if unexpected:
         raise ValueError(
             f"{source} has {len(unexpected)} tensor(s) this {config.model_type} config does not "
@@ -236,19 +266,77 @@ def place_tensors(
     missing = [n for n in names if n not in seen]
     if missing:
         raise ValueError(f"{source} is missing {len(missing)} tensor(s), e.g. {missing[:5]}")
-    return jax.tree.map(jnp.asarray, buffers)
+    for path, layers in quantized.items():
+        leaves[path] = _stack_quantized(layers, source, path)
+    for path in list(buffers):
+        leaves[path] = jax.device_put(buffers.pop(path))  # one copy; jnp.asarray makes two
+    return jtree.unflatten({".".join(path): leaf for path, leaf in leaves.items()})
 
 
-def from_pretrained(path: str | Path, dtype: Any = jnp.float32) -> tuple[LlamaForCausalLM, Params]:
+def _layer_shape(shapes: Params, path: tuple[str, ...]) -> tuple[int, ...]:
+    """One layer's shape of the param at `path` (the whole shape outside the stacked layers)."""
+    shape = tuple(_get(shapes, path))
+    return shape[1:] if path[:2] == ("model", "layers") else shape
+
+
+def _stack_quantized(
+    layers: dict[int | None, QuantizedTensor], source: str, path: tuple[str, ...]
+) -> QuantizedTensor:
+    """One quantized weight, or the layers of a stacked one in order."""
+    if None in layers:
+        return layers[None]
+    try:
+        return stack([layers[i] for i in range(len(layers))])
+    except ValueError as err:
+        raise ValueError(
+            f"{source}: the layers of {'.'.join(path)} are quantized differently: {err}"
+        ) from None
+
+
+def from_pretrained(
+    path: str | Path,
+    dtype: Any = None,
+    *,
+    quantize: str | None = None,
+    double_quant: bool = False,
+    blocksize: int = 64,
+) -> tuple[LlamaForCausalLM, Params]:
     """Load a HF checkpoint directory (config.json + safetensors) or a `.gguf` file (see
-    `gguf_loading.load_gguf`) as `(model, params)`."""
+    `gguf_loading.load_gguf`) as `(model, params)`.
+
+    quantize: "nf4" or "fp4" quantizes every linear weight but `lm_head` to bitsandbytes'
+        4-bit format while loading, tensor by tensor, so host memory holds the quantized model
+        and one float tensor at a time; `double_quant` and `blocksize` as in bitsandbytes.
+        A checkpoint that transformers saved with a bitsandbytes 4-bit `quantization_config`
+        loads quantized as it is, without this argument.
+    dtype: of the float params, and the compute dtype of the model (its activations and the
+        quantized matmuls). Default: float32; for a quantized model bfloat16 on GPU and TPU and
+        float32 on CPU (`jpeft.quant.default_compute_dtype`).
+    """
     from jpeft.models import gguf_loading  # imported here because it imports this module
 
+    quantization = None
+    if quantize is not None:
+        quantization = QuantConfig(quantize, blocksize, double_quant)
     if gguf_loading.is_gguf_path(path):
-        return gguf_loading.load_gguf(path, dtype)
-    model = from_hf_config(read_config(path))
-    params = place_tensors(model.config, iter_checkpoint_tensors(path), dtype, source=str(path))
+        dtype = _default_dtype(dtype, quantization is not None)
+        return gguf_loading.load_gguf(path, dtype, quantization=quantization)
+    hf_config = read_config(path)
+    model = from_hf_config(hf_config)
+    tensors = iter_checkpoint_tensors(path)
+    saved = bnb_checkpoint.saved_quantization(hf_config, str(path))
+    if saved is not None:
+        bnb_checkpoint.check_request(saved, quantization, str(path))
+        tensors = bnb_checkpoint.combine_4bit_weights(tensors, checkpoint_keys(path))
+    dtype = _default_dtype(dtype, saved is not None or quantization is not None)
+    params = place_tensors(model.config, tensors, dtype, str(path), quantization)
     return model, params
+
+
+def _default_dtype(dtype: Any, quantized: bool) -> Any:
+    if dtype is not None:
+        return dtype
+    return default_compute_dtype() if quantized else jnp.float32
 
 
 def _ignorable(config: ModelConfig, name: str) -> bool:

@@ -29,11 +29,16 @@ STATE_KEY = "weight.quant_state.bitsandbytes__"
 
 def to_bnb(q: QuantizedTensor, prefix: str = "") -> dict[str, np.ndarray]:
     """The state-dict entries bitsandbytes' `Linear4bit` saves for this weight, byte for byte."""
+    if q.stack_shape:
+        raise ValueError(
+            f"to_bnb takes one weight, got a stack of shape {q.stack_shape}; "
+            "use jpeft.quant.unstack for the weights of a stack"
+        )
     meta: dict[str, Any] = {
         "quant_type": q.quant_type,
         "blocksize": q.blocksize,
         "dtype": q.dtype,
-        "shape": list(q.shape),
+        "shape": list(q.weight_shape),
     }
     state = {
         "weight": np.asarray(q.packed).reshape(-1, 1),
@@ -94,7 +99,7 @@ def from_bnb(state: Mapping[str, Any], prefix: str = "") -> QuantizedTensor:
         absmax=jnp.asarray(absmax),
         quant_type=quant_type,
         blocksize=blocksize,
-        shape=shape,
+        weight_shape=shape,
         dtype=meta["dtype"],
         **nested,
     )

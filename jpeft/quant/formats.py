@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ _MIN_PARTIAL_ABSMAX = np.float32(1e-38)
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["packed", "absmax", "nested_absmax", "nested_code", "offset"],
-    meta_fields=["quant_type", "blocksize", "shape", "dtype", "nested_blocksize"],
+    meta_fields=["quant_type", "blocksize", "weight_shape", "dtype", "nested_blocksize"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedTensor:
@@ -52,15 +53,20 @@ class QuantizedTensor:
     nested_absmax: float32 [ceil(blocks / nested_blocksize)], or None without double quantization.
     nested_code: float32 [256], the map that `absmax` codes index, or None.
     offset: float32 [], added back to the dequantized absmax, or None.
-    quant_type: "nf4" or "fp4". blocksize: elements per block. shape: the weight's shape.
+    quant_type: "nf4" or "fp4". blocksize: elements per block.
+    weight_shape: the shape of one quantized weight (n elements).
     dtype: the weight's dtype name ("float32", "bfloat16" or "float16").
+
+    Weights quantized one by one can be stacked (`stack`): every array leaf then has the same
+    leading axes (e.g. [layers]), `shape` is those axes + `weight_shape`, as for an array, and
+    `lax.scan` over the stack hands each step one weight.
     """
 
     packed: jax.Array
     absmax: jax.Array
     quant_type: str
     blocksize: int
-    shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
     dtype: str
     nested_absmax: jax.Array | None = None
     nested_code: jax.Array | None = None
@@ -72,12 +78,33 @@ class QuantizedTensor:
         return self.nested_absmax is not None
 
     @property
-    def size(self) -> int:
-        return math.prod(self.shape)
+    def stack_shape(self) -> tuple[int, ...]:
+        """The leading axes of a stack of weights; () for one weight."""
+        return tuple(self.packed.shape[:-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """`stack_shape + weight_shape`: the shape of the float weight(s) it stands for."""
+        return self.stack_shape + tuple(self.weight_shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def weight_size(self) -> int:
+        """Elements in one weight."""
+        return math.prod(self.weight_shape)
 
     @property
     def num_blocks(self) -> int:
-        return -(-self.size // self.blocksize)
+        """Blocks in one weight."""
+        return -(-self.weight_size // self.blocksize)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all array leaves."""
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(self))
 
 
 def check_format(quant_type: str, blocksize: int) -> None:
@@ -108,9 +135,10 @@ def quantize(
     shape = tuple(np.shape(w))
     if math.prod(shape) == 0:
         raise ValueError(f"cannot quantize an empty weight of shape {shape}")
-    arrays = _quantize(jnp.ravel(jnp.asarray(w)), quant_type, blocksize, double_quant)
+    # A numpy weight goes to the device once, as the jitted function's argument.
+    arrays = _quantize(w.reshape(-1), quant_type, blocksize, double_quant)
     return QuantizedTensor(
-        quant_type=quant_type, blocksize=blocksize, shape=shape, dtype=dtype.name, **arrays
+        quant_type=quant_type, blocksize=blocksize, weight_shape=shape, dtype=dtype.name, **arrays
     )
 
 
@@ -177,7 +205,9 @@ def _quantize_absmax(absmax: jax.Array) -> dict[str, jax.Array]:
 
 
 def block_absmax(q: QuantizedTensor) -> jax.Array:
-    """float32 [blocks]: each block's scale, undoing double quantization if there is one."""
+    """float32 [*stack_shape, blocks]: each block's scale, undoing double quantization."""
+    if q.stack_shape:
+        return _per_weight(block_absmax, q)
     if not q.double_quant:
         return q.absmax
     scales = jnp.repeat(q.nested_absmax, q.nested_blocksize)[: q.absmax.shape[0]]
@@ -191,10 +221,39 @@ def block_absmax(q: QuantizedTensor) -> jax.Array:
 @functools.partial(jax.jit, static_argnames="dtype")
 def dequantize(q: QuantizedTensor, dtype: jax.typing.DTypeLike | None = None) -> jax.Array:
     """The weight [*q.shape] in `dtype` (default: the original dtype): code value x block absmax
-    in float32, then cast, as `bitsandbytes.functional.dequantize_4bit`."""
-    n = q.size
+    in float32, then cast, as `bitsandbytes.functional.dequantize_4bit`. A stack is
+    dequantized weight by weight."""
+    if q.stack_shape:
+        return _per_weight(functools.partial(dequantize, dtype=dtype), q)
+    n = q.weight_size
     codes = jnp.stack([q.packed >> 4, q.packed & 0x0F], axis=-1).reshape(-1)[:n]
     values = jnp.asarray(codebooks.CODES[q.quant_type])[codes.astype(jnp.int32)]
     scaled = _blocks(values, q.blocksize) * block_absmax(q)[:, None]
     out_dtype = jnp.dtype(q.dtype if dtype is None else dtype)
-    return scaled.reshape(-1)[:n].astype(out_dtype).reshape(q.shape)
+    return scaled.reshape(-1)[:n].astype(out_dtype).reshape(q.weight_shape)
+
+
+def _per_weight(fn, q: QuantizedTensor) -> jax.Array:
+    """`fn` mapped over the stack axes of `q`."""
+    for _ in q.stack_shape:
+        fn = jax.vmap(fn)
+    return fn(q)
+
+
+def stack(weights: Sequence[QuantizedTensor]) -> QuantizedTensor:
+    """Stack weights of one format and shape on a new leading axis (e.g. the layers of a model)."""
+    formats = {
+        (w.quant_type, w.blocksize, w.weight_shape, w.dtype, w.double_quant) for w in weights
+    }
+    if len(formats) != 1:
+        raise ValueError(
+            f"can only stack quantized weights of one format and shape, got {sorted(formats)}"
+        )
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *weights)
+
+
+def unstack(q: QuantizedTensor) -> list[QuantizedTensor]:
+    """The weights of a stack with one leading axis, in order."""
+    if len(q.stack_shape) != 1:
+        raise ValueError(f"unstack takes a stack with one leading axis, got {q.stack_shape}")
+    return [jax.tree.map(lambda leaf, i=i: leaf[i], q) for i in range(q.stack_shape[0])]

@@ -31,10 +31,13 @@ FAMILIES = {
 }
 
 
-def build_base(family: str, path):
-    """Save a tiny random `family` model at `path`; (path, jpeft model, params, ids [2, 9])."""
+def build_base(family: str, path, sizes: dict = SMALL):
+    """Save a tiny random `family` model at `path`; (path, jpeft model, params, ids [2, 9]).
+
+    `sizes`: the config's dimensions (SMALL, or larger ones where a library needs them).
+    """
     config_cls, overrides = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**{**SMALL, **overrides})
+    config = getattr(transformers, config_cls)(**{**sizes, **overrides})
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():
@@ -43,7 +46,7 @@ def build_base(family: str, path):
                 p.copy_(0.1 * torch.randn_like(p))
     hf.save_pretrained(path, safe_serialization=True)
     model, params = jpeft.models.from_pretrained(path)
-    ids = np.random.default_rng(1).integers(0, SMALL["vocab_size"], (2, 9))
+    ids = np.random.default_rng(1).integers(0, sizes["vocab_size"], (2, 9))
     return path, model, params, ids
 
 

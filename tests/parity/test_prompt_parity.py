@@ -98,14 +98,21 @@ def torch_logits(model, ids, mask) -> np.ndarray:
 
 
 def torch_generate(model, ids, mask, new_tokens: int) -> np.ndarray:
+    """Greedy decoding with PEFT's forward: each step reruns the whole sequence, positions counted
+    over the attention mask as `generate` counts them (PEFT drops them for virtual tokens).
+
+    Not `model.generate`: from transformers 5.24 on, PEFT's cached `generate` with prompt-learning
+    adapters departs from its own forward after the first new token (rerunning the forward on
+    the same sequence picks another token), and an uncached one loses prefix tuning's prefix.
+    """
+    ids, mask = torch.tensor(ids), torch.tensor(mask)
     with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor(ids),
-            attention_mask=torch.tensor(mask),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-        )
-    return out.numpy()
+        for _ in range(new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids.numpy()
 
 
 def jpeft_logits(model, params, adapter, ids, mask) -> np.ndarray:
