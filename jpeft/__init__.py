@@ -1,6 +1,6 @@
 """jpeft: parameter-efficient fine-tuning for JAX, interoperable with Hugging Face PEFT."""
 
-from jpeft import models, ops, train
+from jpeft import checkpoint, models, ops, sharding, train
 from jpeft.adapter import (
     Adapter,
     init_adapter,
@@ -29,6 +29,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",
+    "checkpoint",
     "combine",
     "init_adapter",
     "inject",
@@ -41,6 +42,7 @@ __all__ = [
     "partition",
     "prompt_of",
     "save_pretrained",
+    "sharding",
     "train",
     "trainable_mask",
     "unmerge",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 
@@ -48,17 +49,49 @@ def finetune_parser(sub) -> None:
         "eval_batch_size": "examples per evaluation forward",
         "seed": "seed of the split, init and order",
         "quantize": "load the base quantized to 4 bits, nf4 or fp4, double-quantized (QLoRA)",
+        "mesh": "shard over a device mesh, e.g. data=2,fsdp=-1,model=1 (-1: the remaining "
+        "devices; the product is the device count of all hosts)",
+        "distributed": "start JAX's multi-host runtime first (TPU pods: run the same command on "
+        "every host)",
+        "checkpoint_dir": "save the train state there (orbax, async, atomic; a path or gs://); "
+        "rerunning the command resumes from the latest checkpoint",
+        "checkpoint_every": "steps between checkpoints",
+        "remat": "activation checkpointing per layer: dots (keep matmul outputs), full (keep "
+        "layer inputs only) or none",
     }
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="a JSON file of these options (keys with underscores); flags given override it",
+    )
     none_default_kinds = {"train_layers": int, "lr": float}
     for field in dataclasses.fields(FinetuneConfig):
         default = getattr(defaults, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        help_text = f"{options[field.name]} (default: {default})".replace("%", "%%")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=help_text)
+            continue
         kind = type(default) if default is not None else none_default_kinds.get(field.name, str)
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"),
-            type=kind,
-            default=default,
-            help=f"{options[field.name]} (default: {default})".replace("%", "%%"),
-        )
+        parser.add_argument(flag, type=kind, default=default, help=help_text)
+
+
+def config_file_options(path: str) -> dict:
+    """The options in a `--config` JSON file; ValueError naming unknown keys or bad JSON."""
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except OSError as err:
+        raise ValueError(f"--config {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--config {path} is not valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path} must hold a JSON object of options")
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown options {unknown}; known: {sorted(known)}")
+    return values
 
 
 def generate_parser(sub) -> None:
@@ -69,12 +102,20 @@ def generate_parser(sub) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
 
 
-def run_finetune(args: argparse.Namespace) -> None:
+def run_finetune(args: argparse.Namespace, explicit: set[str]) -> None:
+    """`explicit`: the options given as flags; they win over the `--config` file's."""
     from jpeft.finetune.job import run
 
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)}
+    if args.config:
+        from_file = config_file_options(args.config)
+        options.update({k: v for k, v in from_file.items() if k not in explicit})
     targets = options["target_modules"]
-    if targets and targets != "all-linear" and not set(targets) & set(REGEX_CHARACTERS):
+    if (
+        isinstance(targets, str)
+        and targets != "all-linear"
+        and not set(targets) & set(REGEX_CHARACTERS)
+    ):
         options["target_modules"] = targets.split(",")  # names, not a regex
     run(FinetuneConfig(**options))
 
@@ -104,6 +145,12 @@ def run_generate(args: argparse.Namespace) -> None:
     print(tokenizer.decode(new, skip_special_tokens=True))
 
 
+def explicit_options(argv: list[str] | None) -> set[str]:
+    """The option names (underscored) that appear as flags in `argv`."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jpeft", description="parameter-efficient fine-tuning")
     sub = parser.add_subparsers(dest="command")
@@ -112,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:  # plain `jpeft` runs the main job
         args = parser.parse_args(["finetune"])
-    commands = {"finetune": run_finetune, "generate": run_generate}
     try:
-        commands[args.command](args)
+        if args.command == "finetune":
+            run_finetune(args, explicit_options(argv))
+        else:
+            run_generate(args)
     except USER_ERRORS as err:
         if os.environ.get("JPEFT_TRACEBACK"):
             raise

@@ -7,6 +7,7 @@ optimizer state scales with the adapter, not the model.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from jpeft.adapter import Adapter, is_trainable
+from jpeft.sharding.activations import traced_on
+from jpeft.sharding.placement import StepShardings
 from jpeft.tree import combine, partition, path_str
 
 IGNORE_INDEX = -100
@@ -98,6 +101,9 @@ def make_train_step(
     model: Any,
     optimizer: optax.GradientTransformation,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = causal_lm_loss,
+    *,
+    shardings: StepShardings | None = None,
+    remat: str | None = None,
 ) -> Callable:
     """A jitted train step `step(params, adapter, opt_state, batch, dropout_key)`.
 
@@ -106,7 +112,13 @@ def make_train_step(
     the labels of a prompt adapter's virtual tokens are added here.
     `opt_state` is `optimizer.init(trainable)` with `trainable, _ = jpeft.partition(adapter)`.
     The adapter and optimizer state are donated.
+
+    shardings: from `jpeft.sharding.step_shardings(mesh, params, adapter, optimizer)`: the step is
+        compiled with those `in_shardings`/`out_shardings` (the batch split over data x fsdp,
+        the loss replicated). remat: per-layer activation checkpointing, "dots" or "full".
     """
+    if remat is not None:
+        model = dataclasses.replace(model, remat=remat)
 
     def loss_of(trainable: Adapter, frozen: Adapter, params, batch, dropout_key):
         adapter = combine(trainable, frozen)
@@ -126,4 +138,12 @@ def make_train_step(
         trainable = optax.apply_updates(trainable, updates)
         return combine(trainable, frozen), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(1, 2))
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(1, 2))
+    s = shardings
+    return jax.jit(
+        traced_on(s.mesh, step),
+        in_shardings=(s.params, s.adapter, s.opt_state, s.batch, s.replicated),
+        out_shardings=(s.adapter, s.opt_state, s.replicated),
+        donate_argnums=(1, 2),
+    )

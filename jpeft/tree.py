@@ -170,7 +170,8 @@ def _stacked_position(params: Mapping[str, Any], parts: list[str]) -> int | None
 
 def leaf_shape(leaf: Any) -> tuple[int, ...]:
     """The shape of a param leaf: an array, a quantized weight, or an adapted node's base."""
-    base = getattr(leaf, "base", leaf)
+    # (a numpy array's own `.base` is the buffer it views, not an adapted node's base weight)
+    base = leaf if isinstance(leaf, np.ndarray) else getattr(leaf, "base", leaf)
     return tuple(base.shape) if hasattr(base, "shape") else tuple(np.shape(base))
 
 

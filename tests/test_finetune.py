@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -195,3 +199,116 @@ def test_help_lists_the_options(command, capsys, monkeypatch):
     assert "--model" in out
     if command == "finetune":
         assert "prefix-tuning" in out and "top 40%" in out
+
+
+def job_args(tiny_checkpoint, data, out, *extra) -> list[str]:
+    """A short tiny-model run of `jpeft finetune` writing to `out`."""
+    args = ["finetune", "--model", str(tiny_checkpoint), "--data", str(data)]
+    args += ["--output-dir", str(out), "--seq-len", "48", "--test-size", "8"]
+    args += ["--eval-batch-size", "8", "--r", "4", "--train-layers", "0", "--lr", "3e-2"]
+    return args + [str(a) for a in extra]
+
+
+def saved_adapter(out) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def test_sharded_job_gives_the_single_device_run(tiny_checkpoint, topic_csv, tmp_path):
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert cli.main(job_args(tiny_checkpoint, topic_csv, single, "--steps", 8)) == 0
+    mesh = ["--mesh", "data=2,fsdp=2,model=2", "--remat", "full"]
+    assert cli.main(job_args(tiny_checkpoint, topic_csv, sharded, "--steps", 8, *mesh)) == 0
+    expected = json.loads((single / "metrics.json").read_text())
+    got = json.loads((sharded / "metrics.json").read_text())
+    np.testing.assert_allclose(got["loss"], expected["loss"], rtol=1e-4)
+    assert got["config"]["mesh"] == "data=2,fsdp=2,model=2"
+    for name, value in saved_adapter(single).items():
+        np.testing.assert_allclose(saved_adapter(sharded)[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_mesh_and_batch_mistakes_are_one_line_errors(tiny_checkpoint, topic_csv, tmp_path, capsys):
+    out = tmp_path / "o"
+    err = run_cli_error(job_args(tiny_checkpoint, topic_csv, out, "--mesh", "data=3"), capsys)
+    assert "--mesh" in err and "8 devices" in err
+    args = job_args(tiny_checkpoint, topic_csv, out, "--mesh", "fsdp=8", "--batch-size", "12")
+    err = run_cli_error(args, capsys)
+    assert "--batch-size 12" in err and "multiple of 8" in err and not out.exists()
+
+
+def test_config_file_options_and_flags_over_them(tiny_checkpoint, topic_csv, tmp_path, capsys):
+    config = tmp_path / "run.json"
+    config.write_text(
+        json.dumps(
+            {"steps": 3, "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+        )  # --r 4 given
+    )
+    out = tmp_path / "run"
+    args = job_args(tiny_checkpoint, topic_csv, out, "--config", config, "--lora-alpha", 16)
+    assert cli.main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and len(metrics["loss"]) == 3
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and saved["lora_alpha"] == 16 and saved["target_modules"] == ["q_proj"]
+    capsys.readouterr()
+    config.write_text(json.dumps({"stepz": 3}))
+    err = run_cli_error(job_args(tiny_checkpoint, topic_csv, out, "--config", config), capsys)
+    assert "run.json" in err and "stepz" in err
+
+
+def test_free_text_answers_are_scored_by_held_out_loss(tiny_checkpoint, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    rng = np.random.default_rng(0)
+    lines = []
+    for _ in range(60):
+        topic = TOPICS[rng.integers(3)]
+        prompt = " ".join(rng.choice(TOPIC_WORDS[topic], 5))
+        lines.append(json.dumps({"prompt": prompt, "completion": f"{topic} {topic}"}))
+    data.write_text("\n".join(lines))
+    out = tmp_path / "run"
+    assert cli.main(job_args(tiny_checkpoint, data, out, "--steps", 30)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_answer_loss_after"] < 0.5 * metrics["test_answer_loss_before"]
+
+
+def finalized_steps(directory) -> list[int]:
+    """Steps orbax has finished writing (a save in progress has a temporary name)."""
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_checkpoint, topic_csv, tmp_path):
+    """SIGKILL a checkpointing run mid-way, run the same command again: it resumes from the last
+    finished checkpoint and ends with exactly the adapter of a run that was never stopped."""
+    steps = 300
+    command = [sys.executable, "-m", "jpeft.cli"]
+    full = tmp_path / "full"
+    uninterrupted = job_args(tiny_checkpoint, topic_csv, full, "--steps", steps)
+    subprocess.run(command + uninterrupted, check=True, capture_output=True)
+
+    checkpoints, out = tmp_path / "checkpoints", tmp_path / "resumed"
+    resumable = job_args(tiny_checkpoint, topic_csv, out, "--steps", steps)
+    resumable += ["--checkpoint-dir", str(checkpoints), "--checkpoint-every", "10"]
+    process = subprocess.Popen(
+        command + resumable, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not [s for s in finalized_steps(checkpoints) if s >= 30]:
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint came"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    killed_after = max(finalized_steps(checkpoints))
+    assert 30 <= killed_after < steps and not out.exists()
+
+    resumed = subprocess.run(command + resumable, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from the checkpoint after step" in resumed.stdout
+    expected, got = saved_adapter(full), saved_adapter(out)
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    losses = json.loads((out / "metrics.json").read_text())["loss"]
+    assert losses == json.loads((full / "metrics.json").read_text())["loss"]

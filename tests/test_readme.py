@@ -34,7 +34,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_training_loop_block_runs_and_learns(checkpoint, tmp_path, monkeypatch):
-    block = next(b for b in python_blocks() if "for batch in batches" in b)
+    block = next(b for b in python_blocks() if "optax.apply_updates" in b)
     lines = [line for line in block.strip().splitlines() if line.strip()]
     assert len(lines) < 20, "the README promises a loop in under 20 lines"
     ids = jax.random.randint(jax.random.key(0), (4, 16), 0, 64)
@@ -76,3 +76,19 @@ def test_qlora_block_runs(checkpoint, tmp_path, monkeypatch):
     q_proj = scope["params"]["model"]["layers"]["self_attn"]["q_proj"]["weight"]
     assert type(q_proj).__name__ == "QuantizedTensor" and q_proj.double_quant
     assert (tmp_path / "out" / "qlora" / "adapter_model.safetensors").is_file()
+
+
+def test_sharding_block_runs_on_8_devices(checkpoint, tmp_path, monkeypatch):
+    block = next(b for b in python_blocks() if "sharding.make_mesh" in b)
+    monkeypatch.chdir(tmp_path)
+    ids = jax.random.randint(jax.random.key(0), (4, 16), 0, 64)
+    import jpeft
+
+    scope = {
+        "config": jpeft.LoraConfig(r=4, target_modules="all-linear"),
+        "batches": [{"input_ids": ids, "labels": ids}] * 3,
+    }
+    exec(block.replace("path/to/hf_checkpoint", str(checkpoint)), scope)
+    assert dict(scope["mesh"].shape) == {"data": 2, "fsdp": 2, "model": 2}
+    assert float(scope["loss"]) > 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

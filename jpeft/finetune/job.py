@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import shutil
 import time
@@ -23,6 +24,9 @@ import numpy as np
 import optax
 
 import jpeft
+import jpeft.sharding
+from jpeft import tree as jtree
+from jpeft.checkpoint import TrainCheckpointer
 from jpeft.finetune import data as jdata
 from jpeft.finetune import methods as jmethods
 
@@ -68,6 +72,11 @@ class FinetuneConfig:
     test_size: int = 300
     eval_batch_size: int = 16
     seed: int = 0
+    mesh: str | None = None  # "data=D,fsdp=F,model=M" (one may be -1); None: one device
+    distributed: bool = False  # jax.distributed.initialize() first (TPU pods: every host)
+    checkpoint_dir: str | None = None  # orbax train-state checkpoints; a rerun resumes
+    checkpoint_every: int = 50
+    remat: str | None = None  # per-layer activation checkpointing: "dots", "full" or "none"
 
 
 def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
@@ -81,6 +90,9 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
     model_path = config.model or default_model_path()
     if not os.path.exists(model_path):
         raise JobError(f"--model {model_path}: no such file or directory")
+    if config.distributed:
+        jpeft.sharding.initialize()
+    mesh = make_mesh(config)
     dataset = (
         jdata.bbc_news(config.test_size, config.seed)
         if config.data is None
@@ -89,10 +101,18 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
     log(f"loading {model_path}")
     try:
         model, params = jpeft.models.from_pretrained(
-            model_path, quantize=config.quantize, double_quant=config.quantize is not None
+            model_path,
+            quantize=config.quantize,
+            double_quant=config.quantize is not None,
+            mesh=mesh,
         )
     except ValueError as err:
         raise JobError(f"--model {model_path}: {err}") from None
+    try:
+        remat = None if config.remat == "none" else config.remat
+        model = dataclasses.replace(model, remat=remat)
+    except ValueError as err:
+        raise JobError(f"--remat: {err}") from None
     tokenizer = jpeft.models.load_tokenizer(model_path)
     max_positions = model.config.max_position_embeddings
     if config.seq_len > max_positions:
@@ -111,20 +131,25 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
     except jmethods.MethodError as err:
         raise JobError(str(err)) from None
     adapter = jpeft.init_adapter(params, peft_config, key=jax.random.key(config.seed), model=model)
-    evaluate = make_evaluator(model, config.eval_batch_size, label_tokens)
+    if mesh is not None:
+        adapter = jpeft.sharding.shard(adapter, mesh, like=params)
+    check_batch_sizes(config, mesh)
+    evaluate = make_evaluator(model, config.eval_batch_size, label_tokens, mesh)
     log(f"{adapter}; {len(dataset.train)} train / {len(dataset.test)} test examples")
-    accuracy_before = evaluate(params, adapter, test_set)
-    log(f"accuracy before: {accuracy_before:.3f}")
-    adapter, history = train(model, params, adapter, train_set, config)
-    accuracy_after = evaluate(params, adapter, test_set)
-    log(f"accuracy after:  {accuracy_after:.3f}")
+    score = "accuracy" if label_tokens is not None else "answer loss"
+    before = evaluate(params, adapter, test_set)
+    log(f"{score} before: {before:.3f}")
+    adapter, history = train(model, params, adapter, train_set, config, mesh, log)
+    after = evaluate(params, adapter, test_set)
+    log(f"{score} after:  {after:.3f}")
+    key = "accuracy" if label_tokens is not None else "test_answer_loss"
     metrics = {
-        "accuracy_before": accuracy_before,
-        "accuracy_after": accuracy_after,
+        f"{key}_before": before,
+        f"{key}_after": after,
         "train_seconds": history["train_seconds"],
         "tokens_per_second": history["tokens_per_second"],
         "trainable_params": adapter.num_trainable(),
-        "total_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+        "total_params": sum(math.prod(jtree.leaf_shape(x)) for x in jtree.flatten(params).values()),
         "steps": config.steps,
         "test_examples": len(test_set),
         "train_examples": len(train_set),
@@ -132,9 +157,37 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
         "step_seconds": history["step_seconds"],
         "config": dataclasses.asdict(config) | {"model": model_path},
     }
-    write_outputs(config.output_dir, adapter, metrics)
-    log(f"wrote {config.output_dir}/: metrics.json, loss.png, adapter/ (PEFT format)")
+    adapter = jpeft.sharding.gather(adapter)
+    if jax.process_index() == 0:
+        write_outputs(config.output_dir, adapter, metrics)
+        log(f"wrote {config.output_dir}/: metrics.json, loss.png, adapter/ (PEFT format)")
     return metrics
+
+
+def make_mesh(config: FinetuneConfig):
+    """The device mesh of `--mesh`, or None for a single-device run."""
+    if config.mesh is None:
+        return None
+    try:
+        return jpeft.sharding.make_mesh(**jpeft.sharding.parse_mesh(config.mesh))
+    except ValueError as err:
+        raise JobError(f"--mesh: {err}") from None
+
+
+def check_batch_sizes(config: FinetuneConfig, mesh) -> None:
+    """Train and eval batches must split evenly over the mesh's data x fsdp devices."""
+    if mesh is None:
+        return
+    multiple = jpeft.sharding.batch_size_multiple(mesh)
+    for flag, size in (
+        ("--batch-size", config.batch_size),
+        ("--eval-batch-size", config.eval_batch_size),
+    ):
+        if size % multiple:
+            raise JobError(
+                f"{flag} {size} does not split over the mesh's data x fsdp = {multiple} devices; "
+                f"use a multiple of {multiple}"
+            )
 
 
 def answer_batch(encoded: jdata.Encoded, rows: np.ndarray, answer_len: int) -> dict:
@@ -167,8 +220,13 @@ def virtual_tokens(hidden: jax.Array, input_ids: jax.Array) -> int:
     return hidden.shape[1] - input_ids.shape[1]
 
 
-def train(model, params, adapter, train_set: jdata.Encoded, config: FinetuneConfig):
-    """AdamW with warm-up and cosine decay; a progress bar with loss, tokens/s and ETA."""
+def train(model, params, adapter, train_set: jdata.Encoded, config: FinetuneConfig, mesh, log):
+    """AdamW with warm-up and cosine decay; a progress bar with loss, tokens/s and ETA.
+
+    With `--checkpoint-dir` the train state is saved every `--checkpoint-every` steps, and a run
+    finding a checkpoint there resumes after its step: the data order and dropout keys depend on
+    the step only, so the result is the one an uninterrupted run gives.
+    """
     from tqdm.auto import tqdm
 
     schedule = optax.warmup_cosine_decay_schedule(
@@ -176,38 +234,75 @@ def train(model, params, adapter, train_set: jdata.Encoded, config: FinetuneConf
     )
     optimizer = optax.adamw(schedule, weight_decay=0.0)
     trainable, frozen = jpeft.partition(adapter)
-    opt_state = optimizer.init(trainable)
+    if mesh is None:
+        opt_state = optimizer.init(trainable)
+    else:
+        opt_state = jpeft.sharding.init_optimizer(optimizer, trainable)
+    step = make_step(model, optimizer, mesh, params, adapter)
+    history = {"loss": [], "step_seconds": [], "tokens": 0, "seconds": 0.0}
+    checkpointer, start = None, 0
+    if config.checkpoint_dir is not None:
+        checkpointer = TrainCheckpointer(config.checkpoint_dir, save_every=config.checkpoint_every)
+        start = checkpointer.latest_step() or 0
+        if start:
+            trainable, opt_state, history = checkpointer.restore(start, trainable, opt_state)
+            log(f"resuming from the checkpoint after step {start} in {config.checkpoint_dir}")
 
-    @jax.jit
-    def step(trainable, frozen, opt_state, params, batch, key):
+    answer_len = int(train_set.loss_mask.sum(1).max())
+    real_tokens = train_set.prompt_end + 1 + train_set.loss_mask.sum(1)
+    schedule_rows = epoch_rows(len(train_set), config.batch_size, config.steps, config.seed)
+    bar = tqdm(range(start, config.steps), desc="train", unit="step", dynamic_ncols=True)
+    for i in bar:
+        step_start = time.perf_counter()
+        rows = schedule_rows[i]
+        batch = answer_batch(train_set, rows, answer_len)
+        if mesh is not None:
+            batch = jpeft.sharding.shard_batch(batch, mesh)
+        trainable, opt_state, loss = step(trainable, frozen, opt_state, params, batch, i)
+        history["loss"].append(float(loss))
+        history["step_seconds"].append(time.perf_counter() - step_start)
+        history["seconds"] += history["step_seconds"][-1]
+        history["tokens"] += int(real_tokens[rows].sum())
+        bar.set_postfix(
+            loss=f"{history['loss'][-1]:.3f}", tok_s=f"{history['tokens'] / history['seconds']:.0f}"
+        )
+        if checkpointer is not None:
+            checkpointer.save(i + 1, trainable, opt_state, history, force=i + 1 == config.steps)
+    if checkpointer is not None:
+        checkpointer.close()
+    return jpeft.combine(trainable, frozen), {
+        "loss": history["loss"],
+        "step_seconds": history["step_seconds"],
+        "train_seconds": history["seconds"],
+        "tokens_per_second": history["tokens"] / max(history["seconds"], 1e-9),
+    }
+
+
+def make_step(model, optimizer, mesh, params, adapter):
+    """The jitted train step `(trainable, frozen, opt_state, params, batch, step_index)`.
+
+    On a mesh its in/out shardings are explicit (`jpeft.sharding.step_shardings`); the dropout
+    key is derived from the step index inside, so it needs no placing.
+    """
+
+    def step(trainable, frozen, opt_state, params, batch, index):
+        key = jax.random.key(index)
         loss, grads = jax.value_and_grad(
             lambda t: answer_loss(model, params, jpeft.combine(t, frozen), batch, key)
         )(trainable)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    answer_len = int(train_set.loss_mask.sum(1).max())
-    real_tokens = train_set.prompt_end + 1 + train_set.loss_mask.sum(1)
-    schedule_rows = epoch_rows(len(train_set), config.batch_size, config.steps, config.seed)
-    losses, step_seconds, tokens, start = [], [], 0, time.perf_counter()
-    bar = tqdm(schedule_rows, desc="train", unit="step", dynamic_ncols=True)
-    for i, rows in enumerate(bar):
-        step_start = time.perf_counter()
-        batch = answer_batch(train_set, rows, answer_len)
-        key = jax.random.key(i)
-        trainable, opt_state, loss = step(trainable, frozen, opt_state, params, batch, key)
-        losses.append(float(loss))
-        step_seconds.append(time.perf_counter() - step_start)
-        tokens += int(real_tokens[rows].sum())
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / elapsed:.0f}")
-    seconds = time.perf_counter() - start
-    return jpeft.combine(trainable, frozen), {
-        "loss": losses,
-        "step_seconds": step_seconds,
-        "train_seconds": seconds,
-        "tokens_per_second": tokens / seconds,
-    }
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0, 2))
+    s = jpeft.sharding.step_shardings(mesh, params, adapter, optimizer)
+    trainable, frozen = jpeft.partition(s.adapter)
+    return jax.jit(
+        jpeft.sharding.traced_on(mesh, step),
+        in_shardings=(trainable, frozen, s.opt_state, s.params, s.batch, s.replicated),
+        out_shardings=(trainable, s.opt_state, s.replicated),
+        donate_argnums=(0, 2),
+    )
 
 
 def epoch_rows(num_examples: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
@@ -218,10 +313,19 @@ def epoch_rows(num_examples: int, batch_size: int, steps: int, seed: int) -> np.
     return stream[: steps * batch_size].reshape(steps, batch_size)
 
 
-def make_evaluator(model, batch_size: int, label_tokens: np.ndarray | None):
-    """accuracy(params, adapter, encoded): argmax over the label words' first-token logits."""
+def make_evaluator(model, batch_size: int, label_tokens: np.ndarray | None, mesh=None):
+    """score(params, adapter, encoded): accuracy (argmax over the label words' first-token
+    logits) for a labelled dataset, else the mean answer-token loss."""
+    if mesh is None:
+        compiled = jax.jit
+    else:  # whole results on every host; activations split by rows as in training
 
-    @jax.jit
+        def compiled(fn):
+            return jax.jit(
+                jpeft.sharding.traced_on(mesh, fn), out_shardings=jpeft.sharding.replicated(mesh)
+            )
+
+    @compiled
     def predict(params, adapter, ids, prompt_end):
         hidden = model.hidden_states(params, ids, adapter=adapter)
         last_position = prompt_end + virtual_tokens(hidden, ids)
@@ -229,18 +333,38 @@ def make_evaluator(model, batch_size: int, label_tokens: np.ndarray | None):
         logits = model.logits(params, last[:, None], adapter=adapter)[:, 0]
         return jnp.argmax(logits[:, label_tokens], axis=-1)
 
-    def accuracy(params, adapter, encoded: jdata.Encoded) -> float:
-        if label_tokens is None:
-            raise JobError("free-text answers: accuracy needs a text/label dataset")
-        correct = 0
+    @compiled
+    def answer_nll(params, adapter, batch):
+        return answer_loss(model, params, adapter, batch, None) * batch["valid"].sum()
+
+    def batches(encoded: jdata.Encoded):
+        """Fixed-size batches of row indices (the last one wrapped around) and the real rows."""
         for start in range(0, len(encoded), batch_size):
             rows = np.arange(start, start + batch_size) % len(encoded)
-            guess = predict(params, adapter, encoded.input_ids[rows], encoded.prompt_end[rows])
-            keep = rows[: len(encoded) - start]
-            correct += int((np.asarray(guess)[: len(keep)] == encoded.label[keep]).sum())
+            yield rows, min(batch_size, len(encoded) - start)
+
+    def placed(arrays):
+        return arrays if mesh is None else jpeft.sharding.shard_batch(arrays, mesh)
+
+    def accuracy(params, adapter, encoded: jdata.Encoded) -> float:
+        correct = 0
+        for rows, real in batches(encoded):
+            ids, ends = placed((encoded.input_ids[rows], encoded.prompt_end[rows]))
+            guess = np.asarray(predict(params, adapter, ids, ends))[:real]
+            correct += int((guess == encoded.label[rows[:real]]).sum())
         return correct / len(encoded)
 
-    return accuracy
+    def mean_answer_loss(params, adapter, encoded: jdata.Encoded) -> float:
+        answer_len = int(encoded.loss_mask.sum(1).max())
+        total, count = 0.0, 0
+        for rows, real in batches(encoded):
+            batch = answer_batch(encoded, rows, answer_len)
+            batch["valid"][real:] = False  # wrapped-around rows do not count
+            total += float(answer_nll(params, adapter, placed(batch)))
+            count += int(batch["valid"].sum())
+        return total / max(count, 1)
+
+    return accuracy if label_tokens is not None else mean_answer_loss
 
 
 def write_outputs(output_dir: str, adapter, metrics: dict) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
-from jpeft.models.hf_loading import config_from_hf, place_tensors
+from jpeft.models.hf_loading import Placer, config_from_hf, place_tensors
 from jpeft.models.llama import LlamaForCausalLM, ModelConfig, Params
 from jpeft.models.rope import RopeScaling, inverse_frequencies
 from jpeft.quant import QuantConfig
@@ -71,13 +71,16 @@ def is_gguf_path(path: str | Path) -> bool:
 
 
 def load_gguf(
-    path: str | Path, dtype: Any = jnp.float32, quantization: QuantConfig | None = None
+    path: str | Path,
+    dtype: Any = jnp.float32,
+    quantization: QuantConfig | None = None,
+    place: Placer | None = None,
 ) -> tuple[LlamaForCausalLM, Params]:
     """Load a llama.cpp GGUF file (llama, qwen2 or qwen3) as `(model, params)` in `dtype`.
 
     Quantized tensors are dequantized to float32, then cast to `dtype`; with `quantization`, the
     linear weights it covers are then quantized to bitsandbytes' 4-bit format, one at a time
-    (see `hf_loading.place_tensors`). Raises FileNotFoundError
+    (see `hf_loading.place_tensors`, also for `place`). Raises FileNotFoundError
     for a missing file, and ValueError naming the file for one it cannot load (not GGUF, or an
     unsupported architecture, tensor type, tensor or rope scaling).
     """
@@ -86,7 +89,7 @@ def load_gguf(
     model = LlamaForCausalLM(config_from_hf(hf_config_from_gguf(reader, source)))
     permuted = metadata(reader, "general.architecture") in PERMUTED_QK_ARCHITECTURES
     tensors = iter_gguf_tensors(reader, model.config, permuted, source)
-    return model, place_tensors(model.config, tensors, dtype, source, quantization)
+    return model, place_tensors(model.config, tensors, dtype, source, quantization, place)
 
 
 def open_gguf(path: str | Path) -> GGUFReader:

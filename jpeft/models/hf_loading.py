@@ -1,16 +1,17 @@
 """Hugging Face configs and safetensors checkpoints -> `(LlamaForCausalLM, params)`.
 
 Loading streams: `iter_checkpoint_tensors` yields `(hf_name, np.ndarray)` one tensor at a time
-from memory-mapped safetensors files, and `place_tensors` copies each into preallocated stacked
-numpy buffers (casting to the target dtype); a linear weight to be quantized is quantized as it
-arrives instead, and a bitsandbytes 4-bit checkpoint's weights arrive already quantized (see
-`bnb_checkpoint`). Pickled checkpoints (`pytorch_model.bin`) are never opened.
+from the safetensors files (plain reads, see `safetensors_file`), and `place_tensors` copies each
+into preallocated stacked numpy buffers (casting to the target dtype); a linear weight to be
+quantized is quantized as it arrives instead, and a bitsandbytes 4-bit checkpoint's weights arrive
+already quantized (see `bnb_checkpoint`). Pickled checkpoints (`pytorch_model.bin`) are never
+opened.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,7 @@ def place_tensors(
     dtype: Any = jnp.float32,
     source: str = "checkpoint",
     quantization: QuantConfig | None = None,
+    place: Placer | None = None,
 ) -> Params:
     """Copy streamed `(hf_name, array)` pairs into the stacked param tree, cast to `dtype`.
 
@@ -219,11 +221,14 @@ def place_tensors(
     arrives, so no float copy of those weights is kept. A value that is already a
     `QuantizedTensor` (a bitsandbytes checkpoint) is placed as it is. Layers of a stacked weight
     are stacked at the end, and each buffer becomes a device array in turn.
+    `place(path, value, stacked)` puts each finished leaf on its devices (default: the default
+    device); `jpeft.sharding.loading_placer` puts only each device's part there.
 
     Raises ValueError naming `source` and the tensor on a wrong shape, an unexpected name or
     missing tensors. `lm_head.weight` is skipped when the config ties embeddings.
     """
     np_dtype = np.dtype(dtype)
+    place = place or _on_default_device
     names = hf_names(config)
     shapes = param_shapes(config)
     buffers: dict[tuple[str, ...], np.ndarray] = {}  # stacked leaves, filled layer by layer
@@ -251,7 +256,7 @@ def place_tensors(
         if is_quantized:
             quantized.setdefault(path, {})[layer] = array
         elif layer is None:  # complete: straight to the device, one copy
-            leaves[path] = jax.device_put(array.astype(np_dtype, copy=False))
+            leaves[path] = place(".".join(path), array.astype(np_dtype, copy=False), False)
         else:
             if path not in buffers:
                 buffers[path] = np.empty(_get(shapes, path), np_dtype)
@@ -267,10 +272,20 @@ def place_tensors(
     if missing:
         raise ValueError(f"{source} is missing {len(missing)} tensor(s), e.g. {missing[:5]}")
     for path, layers in quantized.items():
-        leaves[path] = _stack_quantized(layers, source, path)
+        leaves[path] = place(
+            ".".join(path), _stack_quantized(layers, source, path), None not in layers
+        )
     for path in list(buffers):
-        leaves[path] = jax.device_put(buffers.pop(path))  # one copy; jnp.asarray makes two
+        leaves[path] = place(".".join(path), buffers.pop(path), True)
     return jtree.unflatten({".".join(path): leaf for path, leaf in leaves.items()})
+
+
+Placer = Callable[[str, Any, bool], Any]
+
+
+def _on_default_device(path: str, value: Any, stacked: bool) -> Any:
+    """A numpy leaf to the default device in one copy (`jnp.asarray` makes two)."""
+    return value if isinstance(value, QuantizedTensor) else jax.device_put(value)
 
 
 def _layer_shape(shapes: Params, path: tuple[str, ...]) -> tuple[int, ...]:
@@ -300,6 +315,8 @@ def from_pretrained(
     quantize: str | None = None,
     double_quant: bool = False,
     blocksize: int = 64,
+    mesh: Any = None,
+    rules: Any = None,
 ) -> tuple[LlamaForCausalLM, Params]:
     """Load a HF checkpoint directory (config.json + safetensors) or a `.gguf` file (see
     `gguf_loading.load_gguf`) as `(model, params)`.
@@ -312,15 +329,23 @@ def from_pretrained(
     dtype: of the float params, and the compute dtype of the model (its activations and the
         quantized matmuls). Default: float32; for a quantized model bfloat16 on GPU and TPU and
         float32 on CPU (`jpeft.quant.default_compute_dtype`).
+    mesh: a `jax.sharding.Mesh`: each leaf goes straight to its shards by the partition `rules`
+        (default: the family's, see `jpeft.sharding`), so no device ever holds a whole model;
+        on several hosts each host reads the checkpoint and places its own devices' parts.
     """
     from jpeft.models import gguf_loading  # imported here because it imports this module
 
     quantization = None
     if quantize is not None:
         quantization = QuantConfig(quantize, blocksize, double_quant)
+    place = None
+    if mesh is not None:
+        from jpeft import sharding
+
+        place = sharding.loading_placer(mesh, rules)
     if gguf_loading.is_gguf_path(path):
         dtype = _default_dtype(dtype, quantization is not None)
-        return gguf_loading.load_gguf(path, dtype, quantization=quantization)
+        return gguf_loading.load_gguf(path, dtype, quantization=quantization, place=place)
     hf_config = read_config(path)
     model = from_hf_config(hf_config)
     tensors = iter_checkpoint_tensors(path)
@@ -329,7 +354,7 @@ def from_pretrained(
         bnb_checkpoint.check_request(saved, quantization, str(path))
         tensors = bnb_checkpoint.combine_4bit_weights(tensors, checkpoint_keys(path))
     dtype = _default_dtype(dtype, saved is not None or quantization is not None)
-    params = place_tensors(model.config, tensors, dtype, str(path), quantization)
+    params = place_tensors(model.config, tensors, dtype, str(path), quantization, place)
     return model, params
 
 

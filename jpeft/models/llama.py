@@ -32,6 +32,7 @@ from jpeft import ops
 from jpeft.adapter import Prompt, inject, prompt_of, untouched_layers
 from jpeft.models import rope
 from jpeft.models.rope import RopeScaling
+from jpeft.sharding.activations import constrain_batch
 
 Params = dict[str, Any]
 
@@ -202,11 +203,28 @@ def causal_attention(
     )
 
 
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 @dataclass(frozen=True)
 class LlamaForCausalLM:
-    """A Llama-family causal LM; the config is static, the params are passed to every call."""
+    """A Llama-family causal LM; the config is static, the params are passed to every call.
+
+    `remat` checkpoints each decoder layer for the backward pass: "full" keeps only the layer's
+    input and recomputes the rest, "dots" keeps the matmul outputs; None keeps everything.
+    """
 
     config: ModelConfig
+    remat: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.remat is not None and self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"remat must be None or one of {sorted(REMAT_POLICIES)}, got {self.remat!r}"
+            )
 
     def init(self, key: jax.Array, dtype: jnp.dtype = jnp.float32) -> Params:
         """Random params (normal(0, 0.02) weights, unit norms, zero biases) for tests/benchmarks."""
@@ -297,7 +315,7 @@ class LlamaForCausalLM:
             key_valid = jnp.ones((batch, seq), bool)
         else:
             key_valid = attention_mask.astype(bool)
-        x = ops.embed(input_ids, params["model"]["embed_tokens"]["weight"])
+        x = constrain_batch(ops.embed(input_ids, params["model"]["embed_tokens"]["weight"]))
         if prompt is None:
             if position_ids is None:
                 position_ids = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
@@ -381,7 +399,10 @@ class LlamaForCausalLM:
             p, window, kv = layer
             mask = attention_mask(q_idx, key_valid, window)
             x, kv = self._layer(p, x, cos, sin, mask, kv, offset)
-            return x, kv
+            return constrain_batch(x), kv
+
+        if self.remat is not None:
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
 
         layers = (params["model"]["layers"], windows)
         if frozen_layers and cache is None:

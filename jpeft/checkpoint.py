@@ -1,0 +1,117 @@
+"""Training checkpoints with orbax: the trainable adapter leaves, the optimizer state and the step.
+
+Saves are asynchronous (training goes on while the arrays are written) and atomic (orbax writes a
+temporary directory and renames it when every process has finished, so a run killed mid-save
+leaves the previous checkpoint as the latest). Restoring builds each array directly with the
+sharding it is given, so a checkpoint written on one mesh restores onto any other.
+
+Only what training changes is saved: the frozen base weights come from the model checkpoint and
+the adapter's config from the run's options. Leaves are stored as a flat list, in the order of
+the adapter and optimizer-state trees, with their key paths in the JSON metadata to check that a
+resumed run has the same structure.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jpeft.tree import path_str
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the run resuming from it."""
+
+
+class TrainCheckpointer:
+    """Periodic train-state checkpoints in `directory` (a local path or a gs:// bucket).
+
+    `save_every`: save when `step % save_every == 0` (and always when `force=True`);
+    `keep`: how many of the latest checkpoints to keep.
+    """
+
+    def __init__(self, directory: str, *, save_every: int, keep: int = 2):
+        if save_every < 1:
+            raise ValueError(f"checkpoint interval must be at least 1 step, got {save_every}")
+        if "://" not in directory:
+            directory = os.path.abspath(directory)
+        self.directory = directory
+        self._manager = ocp.CheckpointManager(
+            directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                save_interval_steps=save_every,
+                enable_async_checkpointing=True,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        """The last completely written step, or None when there is none."""
+        return self._manager.latest_step()
+
+    def save(
+        self, step: int, trainable: Any, opt_state: Any, extra: dict | None = None, force=False
+    ) -> bool:
+        """Start saving the state after `step` steps; returns whether a save was started.
+
+        `extra` is JSON metadata stored with it (e.g. the loss history), copied now: the
+        write happens later, while the caller goes on changing its own objects.
+        """
+        arrays, paths = _flat(trainable, opt_state)
+        meta = {"step": step, "paths": paths, "extra": copy.deepcopy(extra or {})}
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
+            ),
+            force=force,
+        )
+
+    def restore(self, step: int, trainable: Any, opt_state: Any) -> tuple[Any, Any, dict]:
+        """The state saved at `step`, shaped and sharded like `trainable` and `opt_state`
+        (arrays or `jax.ShapeDtypeStruct`s with shardings); returns (trainable, opt_state,
+        extra)."""
+        leaves, paths = _flat(trainable, opt_state)
+        target = [
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+            for x in leaves
+        ]
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                arrays=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
+        )
+        if restored.meta["paths"] != paths:
+            raise CheckpointError(
+                f"the checkpoint at {self.directory}/{step} holds another adapter or optimizer "
+                f"({len(restored.meta['paths'])} leaves vs this run's {len(paths)}); resume with "
+                "the options it was written with, or use a new --checkpoint-dir"
+            )
+        arrays = list(restored.arrays)
+        n = len(jax.tree.leaves(trainable))
+        trainable = jax.tree.unflatten(jax.tree.structure(trainable), arrays[:n])
+        opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), arrays[n:])
+        return trainable, opt_state, restored.meta["extra"]
+
+    def wait(self) -> None:
+        """Block until the last save has been written completely."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _flat(trainable: Any, opt_state: Any) -> tuple[list, list[str]]:
+    """The leaves of both trees in order, and their key paths ("adapter/..." / "opt_state/...")."""
+    leaves, paths = [], []
+    for prefix, tree in (("adapter", trainable), ("opt_state", opt_state)):
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            leaves.append(leaf)
+            paths.append(f"{prefix}/{path_str(key_path)}")
+    return leaves, paths
