@@ -51,8 +51,9 @@ def finetune_parser(sub) -> None:
         "quantize": "load the base quantized to 4 bits, nf4 or fp4, double-quantized (QLoRA)",
         "mesh": "shard over a device mesh, e.g. data=2,fsdp=-1,model=1 (-1: the remaining "
         "devices; the product is the device count of all hosts)",
-        "distributed": "start JAX's multi-host runtime first (TPU pods: run the same command on "
-        "every host)",
+        "distributed": "start JAX's multi-host runtime first and run the same command on every "
+        "host (TPU pods are detected; elsewhere set JAX_COORDINATOR_ADDRESS=host:port, "
+        "JAX_NUM_PROCESSES and JAX_PROCESS_ID)",
         "checkpoint_dir": "save the train state there (orbax, async, atomic; a path or gs://); "
         "rerunning the command resumes from the latest checkpoint",
         "checkpoint_every": "steps between checkpoints",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -312,3 +314,41 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_checkpoint, topic_c
         np.testing.assert_array_equal(got[name], value, err_msg=name)
     losses = json.loads((out / "metrics.json").read_text())["loss"]
     assert losses == json.loads((full / "metrics.json").read_text())["loss"]
+
+
+def test_two_process_job_gives_the_single_device_run(tiny_checkpoint, topic_csv, tmp_path):
+    """`jpeft finetune --distributed` in two processes of 4 CPU devices each, started through the
+    JAX_* environment variables, trains on one 8-device mesh; process 0 writes the result."""
+    single, pair = tmp_path / "single", tmp_path / "pair"
+    assert cli.main(job_args(tiny_checkpoint, topic_csv, single, "--steps", 6)) == 0
+    args = job_args(tiny_checkpoint, topic_csv, pair, "--steps", 6, "--distributed")
+    args += ["--mesh", "data=2,fsdp=2,model=2"]
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    processes = []
+    for process_id in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        env |= {
+            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(process_id),
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "jpeft.cli", *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    logs = [p.communicate(timeout=600)[0] for p in processes]
+    for process, log in zip(processes, logs, strict=True):
+        assert process.returncode == 0, log[-3000:]
+    expected = json.loads((single / "metrics.json").read_text())
+    got = json.loads((pair / "metrics.json").read_text())
+    np.testing.assert_allclose(got["loss"], expected["loss"], rtol=1e-4)
+    assert got["accuracy_after"] == expected["accuracy_after"]
+    for name, value in saved_adapter(single).items():
+        np.testing.assert_allclose(saved_adapter(pair)[name], value, rtol=1e-4, atol=1e-6)
