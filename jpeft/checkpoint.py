@@ -7,8 +7,8 @@ sharding it is given, so a checkpoint written on one mesh restores onto any othe
 
 Only what training changes is saved: the frozen base weights come from the model checkpoint and
 the adapter's config from the run's options. Leaves are stored as a flat list, in the order of
-the adapter and optimizer-state trees, with their key paths in the JSON metadata to check that a
-resumed run has the same structure.
+the adapter and optimizer-state trees, with their key paths and shapes in the JSON metadata to
+check that a resumed run has the same structure.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jpeft.tree import path_str
@@ -40,13 +41,10 @@ class TrainCheckpointer:
         if "://" not in directory:
             directory = os.path.abspath(directory)
         self.directory = directory
+        self.save_every = save_every
         self._manager = ocp.CheckpointManager(
             directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
-                save_interval_steps=save_every,
-                enable_async_checkpointing=True,
-            ),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
         )
 
     def latest_step(self) -> int | None:
@@ -61,14 +59,21 @@ class TrainCheckpointer:
         `extra` is JSON metadata stored with it (e.g. the loss history), copied now: the
         write happens later, while the caller goes on changing its own objects.
         """
+        if step % self.save_every and not force:
+            return False
         arrays, paths = _flat(trainable, opt_state)
-        meta = {"step": step, "paths": paths, "extra": copy.deepcopy(extra or {})}
+        meta = {
+            "step": step,
+            "paths": paths,
+            "shapes": [list(np.shape(x)) for x in arrays],
+            "extra": copy.deepcopy(extra or {}),
+        }
         return self._manager.save(
             step,
             args=ocp.args.Composite(
                 arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
             ),
-            force=force,
+            force=True,  # the interval is decided above (orbax would also save a first step)
         )
 
     def restore(self, step: int, trainable: Any, opt_state: Any) -> tuple[Any, Any, dict]:
@@ -76,27 +81,36 @@ class TrainCheckpointer:
         (arrays or `jax.ShapeDtypeStruct`s with shardings); returns (trainable, opt_state,
         extra)."""
         leaves, paths = _flat(trainable, opt_state)
+        meta = self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        ).meta
+        here = [[p, list(np.shape(x))] for p, x in zip(paths, leaves, strict=True)]
+        there = [list(pair) for pair in zip(meta["paths"], meta["shapes"], strict=True)]
+        if here != there:
+            pairs = zip(there, here, strict=False)  # the shorter list ends the search
+            i = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+            first = (
+                f"its leaf {there[i][0]} {there[i][1]} vs this run's {here[i][0]} {here[i][1]}"
+                if i is not None
+                else f"{len(there)} leaves vs this run's {len(here)}"
+            )
+            raise CheckpointError(
+                f"the checkpoint at {self.directory}/{step} holds another adapter or optimizer: "
+                f"{first}; resume with the options it was written with, or use a new "
+                "--checkpoint-dir"
+            )
         target = [
             jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
             for x in leaves
         ]
         restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                arrays=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-            ),
+            step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(target))
         )
-        if restored.meta["paths"] != paths:
-            raise CheckpointError(
-                f"the checkpoint at {self.directory}/{step} holds another adapter or optimizer "
-                f"({len(restored.meta['paths'])} leaves vs this run's {len(paths)}); resume with "
-                "the options it was written with, or use a new --checkpoint-dir"
-            )
         arrays = list(restored.arrays)
         n = len(jax.tree.leaves(trainable))
         trainable = jax.tree.unflatten(jax.tree.structure(trainable), arrays[:n])
         opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), arrays[n:])
-        return trainable, opt_state, restored.meta["extra"]
+        return trainable, opt_state, meta["extra"]
 
     def wait(self) -> None:
         """Block until the last save has been written completely."""
