@@ -217,10 +217,12 @@ def saved_adapter(out) -> dict[str, np.ndarray]:
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
-def test_sharded_job_gives_the_single_device_run(tiny_checkpoint, topic_csv, tmp_path):
+@pytest.mark.parametrize("base", ["float", "nf4"])
+def test_sharded_job_gives_the_single_device_run(tiny_checkpoint, topic_csv, tmp_path, base):
     single, sharded = tmp_path / "single", tmp_path / "sharded"
-    assert cli.main(job_args(tiny_checkpoint, topic_csv, single, "--steps", 8)) == 0
-    mesh = ["--mesh", "data=2,fsdp=2,model=2", "--remat", "full"]
+    quantize = [] if base == "float" else ["--quantize", base]
+    assert cli.main(job_args(tiny_checkpoint, topic_csv, single, "--steps", 8, *quantize)) == 0
+    mesh = ["--mesh", "data=2,fsdp=2,model=2", "--remat", "full", *quantize]
     assert cli.main(job_args(tiny_checkpoint, topic_csv, sharded, "--steps", 8, *mesh)) == 0
     expected = json.loads((single / "metrics.json").read_text())
     got = json.loads((sharded / "metrics.json").read_text())

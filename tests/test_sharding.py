@@ -31,6 +31,7 @@ MODEL = LlamaForCausalLM(CONFIG)
 MESH_SHAPE = dict(data=2, fsdp=2, model=2)
 ADAPTERS = {
     "lora": jpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    "dora": jpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True),
     "ia3": jpeft.IA3Config(),
     "prompt_tuning": jpeft.PromptTuningConfig(num_virtual_tokens=4),
 }
@@ -163,7 +164,7 @@ def train_losses(params, config, mesh=None, steps=3, remat=None) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "prompt_tuning", "qlora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt_tuning", "qlora"])
 def test_training_on_a_2x2x2_mesh_gives_the_single_device_losses(params, mesh, method):
     if method == "qlora":
         params = quantize_params(params, QuantConfig("nf4", double_quant=True))
@@ -246,3 +247,14 @@ def test_loading_onto_a_mesh_puts_each_tensor_on_its_shards(tmp_path, mesh, quan
     ):
         assert got.sharding == sharding
         np.testing.assert_array_equal(got, want)
+
+
+def test_generation_with_sharded_params_and_adapter_gives_the_same_tokens(params, mesh):
+    adapter = jax.tree.map(
+        lambda x: x + 0.05, jpeft.init_adapter(params, ADAPTERS["lora"], key=jax.random.key(1))
+    )
+    ids = batch_of(size=4, seq=6)["input_ids"]
+    expected = MODEL.generate(params, ids, 5, adapter=adapter)
+    placed = js.shard(params, mesh)
+    got = MODEL.generate(placed, ids, 5, adapter=js.shard(adapter, mesh, like=placed))
+    np.testing.assert_array_equal(got, expected)
