@@ -29,8 +29,9 @@ REMAT_POLICIES = (None, "dots", "full")
 ADAM_MOMENTS = 2
 # What XLA keeps beyond the tensors counted below (copies between fusions, gradient buffers,
 # layouts), per remat policy: the ratio of `memory_analysis().temp_size_in_bytes` to the count,
-# measured on XLA:CPU over meshes (2,2,2), (1,8,1), (2,1,4) and batch x seq 8x128 to 16x256
-# (it stayed within 15% of these). Other backends fuse differently: read the result as +-30%.
+# measured on XLA:CPU by benchmarks/sharding_memory.py over meshes (2,2,2), (1,8,1), (2,1,4) and
+# batch x seq 8x128, 16x256, 8x512 (within 15% of these but one small case). Other backends fuse
+# differently: read the result as +-30%.
 OVERHEAD = {None: 1.7, "dots": 2.2, "full": 1.4}
 
 
@@ -137,9 +138,8 @@ def _activation_bytes(config, mesh, batch: int, seq: int, itemsize: int, remat) 
     c = config
     b = max(batch // math.prod(mesh.shape[a] for a in BATCH_AXES), 1)
     m = mesh.shape["model"]
-    heads = c.num_attention_heads // m if c.num_attention_heads % m == 0 else c.num_attention_heads
-    kv = c.num_key_value_heads // m if c.num_key_value_heads % m == 0 else c.num_key_value_heads
-    inter = c.intermediate_size // m if c.intermediate_size % m == 0 else c.intermediate_size
+    heads, kv = _split(c.num_attention_heads, m), _split(c.num_key_value_heads, m)
+    inter = _split(c.intermediate_size, m)
     d, hd = c.hidden_size, c.head_dim
     qkv = (heads + 2 * kv) * hd
     tokens = b * seq
@@ -152,11 +152,17 @@ def _activation_bytes(config, mesh, batch: int, seq: int, itemsize: int, remat) 
     else:
         per_layer = _full_layer(tokens, d, qkv, heads * hd, inter, itemsize, heads, b, seq)
         recomputed = 0
-    vocab = c.vocab_size // m if c.vocab_size % m == 0 else c.vocab_size
+    vocab = _split(c.vocab_size, m)
     logits = 2 * tokens * vocab * 4
     # a layer's weights gathered over fsdp for its matmuls, forward and backward both in flight
     layer_weights = (d * qkv + heads * hd * d + 3 * d * inter) * itemsize
     return c.num_hidden_layers * per_layer + recomputed + logits + 2 * layer_weights
+
+
+def _split(size: int, ways: int) -> int:
+    """One device's part of a dimension the rules split `ways` ways (whole when it does not
+    divide, as `fit_dims` does)."""
+    return size // ways if size % ways == 0 else size
 
 
 def _full_layer(tokens, d, qkv, attn_out, inter, itemsize, heads, b, seq) -> int:
