@@ -3,9 +3,9 @@
 A random Llama (hidden 256, intermediate 1024, 4 layers, 8 heads / 4 kv heads, vocab 512), LoRA
 r=16 on all linear layers, AdamW, float32, on 8 CPU devices. For each mesh, batch x seq and remat
 policy the compiled `jpeft.train.make_train_step` reports its argument bytes (params, adapter,
-optimizer state, batch) and temporary bytes per device; the table gives them next to the
-estimate. The `temp / counted` column is what `estimate_memory`'s per-policy factors
-(`jpeft.sharding.memory.OVERHEAD`) were set from.
+optimizer state, batch) and temporary bytes per device (`jpeft.sharding.compiled_step_memory`);
+the table gives them next to the estimate. The `temp / counted` column is what the per-policy
+factors of `estimate_memory` (`jpeft.sharding.memory.OVERHEAD`) were set from.
 
 Run:  python benchmarks/sharding_memory.py [--json benchmarks/sharding_memory.json]
 """
@@ -19,13 +19,9 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import argparse  # noqa: E402
 import json  # noqa: E402
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-
 import jpeft  # noqa: E402
 from jpeft import sharding  # noqa: E402
-from jpeft.models.llama import LlamaForCausalLM, ModelConfig  # noqa: E402
+from jpeft.models.llama import ModelConfig  # noqa: E402
 from jpeft.sharding.memory import OVERHEAD  # noqa: E402
 
 CONFIG = ModelConfig(
@@ -44,33 +40,14 @@ POLICIES = (None, "dots", "full")
 
 
 def measure(mesh, batch: int, seq: int, remat: str | None) -> dict:
-    """Compile the sharded LoRA step on abstract inputs; its memory next to the estimate."""
-    model = LlamaForCausalLM(CONFIG)
-    lora = jpeft.LoraConfig(r=16, target_modules="all-linear")
-    params = jax.eval_shape(model.init, jax.random.key(0))
-    adapter = jax.eval_shape(lambda p: jpeft.init_adapter(p, lora, key=jax.random.key(1)), params)
-    optimizer = optax.adamw(1e-3)
-    opt_state = jax.eval_shape(optimizer.init, jpeft.partition(adapter)[0])
-    s = sharding.step_shardings(mesh, params, adapter, optimizer)
-
-    def placed(tree, shardings):
-        return jax.tree.map(
-            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings
-        )
-
-    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=s.batch)
-    step = jpeft.train.make_train_step(model, optimizer, shardings=s, remat=remat)
-    compiled = step.lower(
-        placed(params, s.params),
-        placed(adapter, s.adapter),
-        placed(opt_state, s.opt_state),
-        {"input_ids": ids, "labels": ids},
-        None,
-    ).compile()
-    analysis = compiled.memory_analysis()
-    estimate = sharding.estimate_memory(
-        CONFIG, mesh, batch, seq, adapter_config=lora, dtype="float32", remat=remat
+    """The compiled sharded LoRA step's memory next to the estimate."""
+    plan = dict(
+        adapter_config=jpeft.LoraConfig(r=16, target_modules="all-linear"),
+        dtype="float32",
+        remat=remat,
     )
+    analysis = sharding.compiled_step_memory(CONFIG, mesh, batch, seq, **plan)
+    estimate = sharding.estimate_memory(CONFIG, mesh, batch, seq, **plan)
     counted = estimate.activations / OVERHEAD[remat]
     return {
         "mesh": dict(mesh.shape),

@@ -197,41 +197,27 @@ def test_gather_gives_whole_arrays(params, mesh):
 @pytest.mark.parametrize("remat", [None, "dots", "full"])
 def test_memory_estimate_matches_the_compiled_step(mesh, remat):
     config = ModelConfig(**{**CONFIG.__dict__, "hidden_size": 128, "intermediate_size": 512})
-    model = LlamaForCausalLM(config)
-    params = jax.eval_shape(model.init, jax.random.key(0))
-    lora = ADAPTERS["lora"]
-    adapter = jax.eval_shape(lambda p: jpeft.init_adapter(p, lora, key=jax.random.key(1)), params)
-    optimizer = optax.adamw(1e-2)
-    s = js.step_shardings(mesh, params, adapter, optimizer)
-    opt_state = jax.eval_shape(optimizer.init, jpeft.partition(adapter)[0])
-    batch, seq = 8, 128
-
-    def placed(tree, shardings):
-        return jax.tree.map(
-            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings
-        )
-
-    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=s.batch)
-    step = jpeft.train.make_train_step(model, optimizer, shardings=s, remat=remat)
-    compiled = step.lower(
-        placed(params, s.params),
-        placed(adapter, s.adapter),
-        placed(opt_state, s.opt_state),
-        {"input_ids": ids, "labels": ids},
-        None,
-    ).compile()
-    measured = compiled.memory_analysis()
-    estimate = js.estimate_memory(
-        config, mesh, batch, seq, adapter_config=lora, dtype="float32", remat=remat
-    )
+    batch, seq, lora = 8, 128, ADAPTERS["lora"]
+    plan = dict(adapter_config=lora, dtype="float32", remat=remat)
+    measured = js.compiled_step_memory(config, mesh, batch, seq, **plan)
+    estimate = js.estimate_memory(config, mesh, batch, seq, **plan)
     batch_bytes = 2 * batch * seq * 4 // js.batch_size_multiple(mesh)
     state = estimate.weights + estimate.adapter + estimate.optimizer + batch_bytes
     assert abs(measured.argument_size_in_bytes - state) <= 0.01 * state
     assert 0.7 <= measured.temp_size_in_bytes / estimate.activations <= 1.4
-    planned = js.estimate_memory(
-        config, MESH_SHAPE, batch, seq, adapter_config=lora, dtype="float32", remat=remat
-    )
+    planned = js.estimate_memory(config, MESH_SHAPE, batch, seq, **plan)
     assert planned == estimate  # planning from axis sizes alone, no devices needed
+
+
+def test_compiled_step_memory_of_a_4bit_base_counts_its_codes(mesh):
+    config = ModelConfig(**{**CONFIG.__dict__, "hidden_size": 128, "intermediate_size": 512})
+    plan = dict(adapter_config=ADAPTERS["lora"], dtype="float32")
+    float_base = js.compiled_step_memory(config, mesh, 8, 64, **plan)
+    nf4_base = js.compiled_step_memory(config, mesh, 8, 64, quantize="nf4", **plan)
+    estimate = js.estimate_memory(config, mesh, 8, 64, quantize="nf4", **plan)
+    state = estimate.weights + estimate.adapter + estimate.optimizer + 2 * 8 * 64 * 4 // 4
+    assert abs(nf4_base.argument_size_in_bytes - state) <= 0.01 * state
+    assert nf4_base.argument_size_in_bytes < 0.5 * float_base.argument_size_in_bytes
 
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])

@@ -9,7 +9,7 @@ batch = jpeft.sharding.shard_batch(batch, mesh)
 from jpeft.sharding.activations import constrain_batch, traced_on
 from jpeft.sharding.adapter_specs import adapter_specs
 from jpeft.sharding.distributed import initialize
-from jpeft.sharding.memory import MemoryEstimate, estimate_memory
+from jpeft.sharding.memory import MemoryEstimate, compiled_step_memory, estimate_memory
 from jpeft.sharding.mesh import AXES, BATCH_AXES, batch_size_multiple, make_mesh, parse_mesh
 from jpeft.sharding.placement import (
     StepShardings,
@@ -35,6 +35,7 @@ __all__ = [
     "adapter_specs",
     "batch_sharding",
     "batch_size_multiple",
+    "compiled_step_memory",
     "constrain_batch",
     "estimate_memory",
     "gather",

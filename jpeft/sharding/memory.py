@@ -77,13 +77,62 @@ def estimate_memory(
     example; quantize: "nf4"/"fp4" for a 4-bit base (double-quantized, blocksize 64); remat: the
     train step's per-layer activation checkpointing (None, "dots" or "full").
     """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+    mesh = _as_mesh(mesh)
+    _, params, adapter = _abstract_state(config, adapter_config, dtype, quantize)
+    weights = _tree_bytes(params, param_specs(params, mesh, rules), mesh)
+    adapter_bytes = _tree_bytes(adapter, adapter_specs(adapter, params, mesh, rules), mesh)
+    counted = _activation_bytes(config, mesh, batch, seq, jnp.dtype(dtype).itemsize, remat)
+    activations = int(counted * OVERHEAD[remat])
+    return MemoryEstimate(weights, adapter_bytes, ADAM_MOMENTS * adapter_bytes, activations)
+
+
+def compiled_step_memory(
+    config: Any,
+    mesh: Mesh,
+    batch: int,
+    seq: int,
+    *,
+    adapter_config: PeftConfig | None = None,
+    dtype: str = "bfloat16",
+    quantize: str | None = None,
+    remat: str | None = None,
+    rules: Rules = LLAMA_RULES,
+) -> Any:
+    """XLA's `memory_analysis()` of the sharded train step (AdamW, `jpeft.train.make_train_step`)
+    compiled for `mesh` from abstract inputs: exact per-device argument and temporary bytes for
+    the backend it runs on, with nothing allocated. Run it on the target (a TPU VM) to check a
+    plan before loading a model; arguments as in `estimate_memory`.
+    """
+    import optax
+
+    from jpeft.adapter import is_trainable, partition
+    from jpeft.sharding.placement import step_shardings
+    from jpeft.train import make_train_step
+
+    model, params, adapter = _abstract_state(config, adapter_config, dtype, quantize)
+    optimizer = optax.adamw(1e-4)
+    opt_state = jax.eval_shape(optimizer.init, partition(adapter, is_trainable)[0])
+    s = step_shardings(mesh, params, adapter, optimizer, rules)
+    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=s.batch)
+    step = make_train_step(model, optimizer, shardings=s, remat=remat)
+    lowered = step.lower(
+        _with_shardings(params, s.params),
+        _with_shardings(adapter, s.adapter),
+        _with_shardings(opt_state, s.opt_state),
+        {"input_ids": ids, "labels": ids},
+        None,
+    )
+    return lowered.compile().memory_analysis()
+
+
+def _abstract_state(config, adapter_config, dtype: str, quantize: str | None):
+    """(model, params, adapter) of `config` as ShapeDtypeStructs: nothing is allocated."""
     from jpeft.methods.lora import LoraConfig
     from jpeft.models.llama import LlamaForCausalLM
     from jpeft.quant.params import QuantConfig, quantize_params
 
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
-    mesh = _as_mesh(mesh)
     adapter_config = adapter_config or LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
     model = LlamaForCausalLM(config)
 
@@ -93,12 +142,15 @@ def estimate_memory(
             params = quantize_params(params, QuantConfig(quant_type=quantize, double_quant=True))
         return params, init_adapter(params, adapter_config, key=key, model=model)
 
-    params, adapter = jax.eval_shape(build, jax.random.key(0))
-    weights = _tree_bytes(params, param_specs(params, mesh, rules), mesh)
-    adapter_bytes = _tree_bytes(adapter, adapter_specs(adapter, params, mesh, rules), mesh)
-    counted = _activation_bytes(config, mesh, batch, seq, jnp.dtype(dtype).itemsize, remat)
-    activations = int(counted * OVERHEAD[remat])
-    return MemoryEstimate(weights, adapter_bytes, ADAM_MOMENTS * adapter_bytes, activations)
+    return model, *jax.eval_shape(build, jax.random.key(0))
+
+
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        tree,
+        shardings,
+    )
 
 
 def _as_mesh(mesh: Mesh | Mapping[str, int]) -> Mesh | AbstractMesh:
