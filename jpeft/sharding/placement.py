@@ -122,14 +122,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def gather(tree: Any) -> Any:
-    """Every leaf replicated on its mesh, so each process can read it whole (to save it)."""
-
-    def whole(x):
-        if not isinstance(x, jax.Array) or x.is_fully_replicated:
-            return x
-        return jax.jit(lambda a: a, out_shardings=replicated(x.sharding.mesh))(x)
-
-    return jax.tree.map(whole, tree)
+    """Every leaf replicated on the mesh, so each process can read it whole (to save it); one
+    compiled copy for the whole tree. A tree with no split leaf is returned as it is."""
+    split = [
+        x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) and not x.is_fully_replicated
+    ]
+    if not split:
+        return tree
+    return jax.jit(lambda t: t, out_shardings=replicated(split[0].sharding.mesh))(tree)
 
 
 def optimizer_shardings(
