@@ -1,4 +1,4 @@
-"""Every `jpeft finetune` method on the same model and data: the README's method table.
+"""Every registered `jpeft finetune` method on the same model and data: the README's table.
 
 Runs `jpeft finetune --method M` once per method, each in its own process, with the main job's
 defaults (SmolLM2-135M-Instruct, BBC News, 80 steps of batch 8, the same seed and test split) and
@@ -21,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from jpeft.finetune.methods import METHODS
+import jpeft
+
+METHODS = tuple(jpeft.registered())
 
 COLUMNS = (
     "method",
@@ -64,10 +66,7 @@ def run_method(method: str, extra: list[str]) -> dict:
 
 def table(results: dict[str, dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for method in METHODS:
-        if method not in results:
-            continue
-        r = results[method]
+    for method, r in results.items():
         share = 100 * r["trainable_params"] / r["total_params"]
         cells = (
             f"{method} (lr {r['lr']:g})",

@@ -1,11 +1,11 @@
-"""`jpeft.sharding.estimate_memory` against XLA's `memory_analysis()` of compiled sharded steps.
+"""`jpeft.memory.estimate_memory` against XLA's `memory_analysis()` of compiled sharded steps.
 
 A random Llama (hidden 256, intermediate 1024, 4 layers, 8 heads / 4 kv heads, vocab 512), LoRA
 r=16 on all linear layers, AdamW, float32, on 8 CPU devices. For each mesh, batch x seq and remat
 policy the compiled `jpeft.train.make_train_step` reports its argument bytes (params, adapter,
-optimizer state, batch) and temporary bytes per device (`jpeft.sharding.compiled_step_memory`);
+optimizer state, batch) and temporary bytes per device (`jpeft.memory.compiled_step_memory`);
 the table gives them next to the estimate. The `temp / counted` column is what the per-policy
-factors of `estimate_memory` (`jpeft.sharding.memory.OVERHEAD`) were set from.
+factors of `estimate_memory` (`jpeft.memory.OVERHEAD`) were set from.
 
 Run:  python benchmarks/sharding_memory.py [--json benchmarks/sharding_memory.json]
 """
@@ -20,9 +20,9 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 
 import jpeft  # noqa: E402
-from jpeft import sharding  # noqa: E402
+from jpeft import memory, sharding  # noqa: E402
+from jpeft.memory import OVERHEAD  # noqa: E402
 from jpeft.models.llama import ModelConfig  # noqa: E402
-from jpeft.sharding.memory import OVERHEAD  # noqa: E402
 
 CONFIG = ModelConfig(
     vocab_size=512,
@@ -46,8 +46,8 @@ def measure(mesh, batch: int, seq: int, remat: str | None) -> dict:
         dtype="float32",
         remat=remat,
     )
-    analysis = sharding.compiled_step_memory(CONFIG, mesh, batch, seq, **plan)
-    estimate = sharding.estimate_memory(CONFIG, mesh, batch, seq, **plan)
+    analysis = memory.compiled_step_memory(CONFIG, mesh, batch, seq, **plan)
+    estimate = memory.estimate_memory(CONFIG, mesh, batch, seq, **plan)
     counted = estimate.activations / OVERHEAD[remat]
     return {
         "mesh": dict(mesh.shape),

@@ -1,46 +1,45 @@
-"""jpeft: parameter-efficient fine-tuning for JAX, interoperable with Hugging Face PEFT."""
+"""jpeft: parameter-efficient fine-tuning for JAX, interoperable with Hugging Face PEFT.
 
-from jpeft import checkpoint, models, ops, sharding, train
-from jpeft.adapter import (
-    Adapter,
-    init_adapter,
-    inject,
-    is_trainable,
-    merge,
-    partition,
-    prompt_of,
-    unmerge,
-)
-from jpeft.methods.ia3 import IA3Config
-from jpeft.methods.lora import LoraConfig
-from jpeft.methods.p_tuning import PromptEncoderConfig
-from jpeft.methods.prefix_tuning import PrefixTuningConfig
-from jpeft.methods.prompt_tuning import PromptTuningConfig
+Every registered method's config class is exported here by name (`jpeft.LoraConfig`,
+`jpeft.LoHaConfig`, ...), from the registry: a method file in `jpeft/methods/` is all it takes.
+"""
+
+from jpeft import checkpoint, injection, memory, methods, models, ops, sharding, train
+from jpeft.adapter import Adapter, is_trainable, partition
+from jpeft.injection import init_adapter, inject, merge, prepare, prompt_of, unmerge
+from jpeft.method import PromptMethod, WeightMethod, register, registered
 from jpeft.peft_format import load_pretrained, save_pretrained
 from jpeft.train import optax_mask, trainable_mask
 from jpeft.tree import combine
 
 __version__ = "0.1.0"
 
+_CONFIGS = {method.config_class.__name__: method.config_class for method in registered().values()}
+globals().update(_CONFIGS)
+
 __all__ = [
+    *sorted(_CONFIGS),
     "Adapter",
-    "IA3Config",
-    "LoraConfig",
-    "PrefixTuningConfig",
-    "PromptEncoderConfig",
-    "PromptTuningConfig",
+    "PromptMethod",
+    "WeightMethod",
     "checkpoint",
     "combine",
     "init_adapter",
+    "injection",
     "inject",
     "is_trainable",
     "load_pretrained",
+    "memory",
     "merge",
+    "methods",
     "models",
     "ops",
     "optax_mask",
     "partition",
+    "prepare",
     "prompt_of",
+    "register",
+    "registered",
     "save_pretrained",
     "sharding",
     "train",

@@ -15,7 +15,7 @@ import sys
 
 from jpeft.finetune.data import DataError
 from jpeft.finetune.job import FinetuneConfig, JobError
-from jpeft.finetune.methods import DEFAULT_LR, METHODS
+from jpeft.method import registered
 
 REGEX_CHARACTERS = "\\.*+?()[]|^$"
 USER_ERRORS = (JobError, DataError, FileNotFoundError, ValueError)
@@ -28,7 +28,8 @@ def finetune_parser(sub) -> None:
         "model": "HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)",
         "data": "json/jsonl/csv with prompt/completion or text/label columns (default: BBC News)",
         "output_dir": "where metrics.json, loss.png and adapter/ go",
-        "method": "the PEFT method: " + ", ".join(METHODS),
+        "method": "the PEFT method, one of the registered methods: "
+        + "; ".join(f"{name} ({m.job_help})" for name, m in registered().items()),
         "r": "LoRA rank",
         "lora_alpha": "LoRA alpha (scaling alpha / r)",
         "lora_dropout": "dropout on the LoRA branch",
@@ -42,7 +43,7 @@ def finetune_parser(sub) -> None:
         "seq_len": "tokens per example (prompt + answer)",
         "text_tokens": "article/text tokens kept in each prompt",
         "lr": "peak learning rate (AdamW, warm-up then cosine decay; default per method: "
-        + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items())
+        + ", ".join(f"{name} {m.default_lr:g}" for name, m in registered().items())
         + ")",
         "warmup_steps": "linear warm-up steps",
         "test_size": "examples held out for the accuracy test",

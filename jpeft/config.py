@@ -14,8 +14,6 @@ from typing import Any, ClassVar
 
 PEFT_VERSION_WRITTEN = "0.21.2"
 
-_CONFIG_CLASSES: dict[str, type[PeftConfig]] = {}
-
 
 class FrozenMap(Mapping):
     """An immutable, hashable dict (for `rank_pattern` and other dict fields)."""
@@ -60,22 +58,11 @@ def _thaw(value: Any) -> Any:
     return value
 
 
-def register_config(peft_type: str):
-    """Class decorator: make `cls` the config class read for `peft_type` in adapter_config.json."""
-
-    def decorate(cls: type[PeftConfig]) -> type[PeftConfig]:
-        cls.peft_type = peft_type
-        _CONFIG_CLASSES[peft_type] = cls
-        return cls
-
-    return decorate
-
-
 @dataclasses.dataclass(frozen=True)
 class PeftConfig:
     """Fields every PEFT config has. Subclasses add their method's fields with PEFT's defaults."""
 
-    peft_type: ClassVar[str] = ""
+    peft_type: ClassVar[str] = ""  # set by `jpeft.method.register`
     # PEFT fields jpeft accepts only at their default value: {field: default}.
     UNSUPPORTED: ClassVar[dict[str, Any]] = {}
 
@@ -127,21 +114,3 @@ class PeftConfig:
                 stacklevel=2,
             )
         return cls(**kwargs)
-
-
-def config_class(peft_type: str, source: str = "config") -> type[PeftConfig]:
-    """The registered config class for a `peft_type` string such as "LORA"."""
-    import jpeft.methods  # noqa: F401  (registers every method)
-
-    if peft_type not in _CONFIG_CLASSES:
-        raise ValueError(
-            f"{source}: unknown peft_type {peft_type!r}; jpeft reads {sorted(_CONFIG_CLASSES)}"
-        )
-    return _CONFIG_CLASSES[peft_type]
-
-
-def config_from_dict(data: Mapping[str, Any], source: str = "config") -> PeftConfig:
-    """Dispatch on `peft_type` and build that method's config."""
-    if "peft_type" not in data:
-        raise ValueError(f"{source}: no 'peft_type' key; is this a PEFT adapter_config.json?")
-    return config_class(data["peft_type"], source).from_dict(data, source)

@@ -1,7 +1,7 @@
 """The linear and embedding ops every model in jpeft calls.
 
 Model code never branches on adapters. It calls `linear(x, w, bias)` and `embed(ids, w)`, where
-`w` is either a plain array or an *adapted weight*: a pytree node made by `jpeft.inject` that
+`w` is either a plain array or an *adapted weight*: a pytree node made by `jpeft.injection` that
 holds the frozen base weight together with the adapter pieces for that module (LoRA, DoRA, ...).
 Each method defines its own node class in `jpeft/methods/`; the node knows how to compute its
 linear op and its merged weight, so adding a method never touches this file.

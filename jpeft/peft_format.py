@@ -1,14 +1,11 @@
 """PEFT's on-disk format, both ways: `adapter_config.json` + `adapter_model.safetensors`.
 
-Weight methods save `base_model.model.<hf module>.<piece>`, the pieces named as each method
-registers them (`...q_proj.lora_A.weight` [r, in], `...lora_B.weight` [out, r],
-`...lora_magnitude_vector` [out], `...lora_embedding_A` [r, vocab], `...k_proj.ia3_l` [out, 1]);
-modules_to_save copies are saved under the module's own name (`base_model.model.lm_head.weight`);
-trainable biases under `<module>.base_layer.bias` for targeted modules, `<module>.bias` otherwise.
-A method may convert before saving and after loading (LoRA writes PiSSA/OLoRA as the equivalent
-plain LoRA of rank 2r, as PEFT's `path_initial_model_for_weight_conversion` does).
-Prompt-learning methods save one tensor, `prompt_embeddings`: the prompt encoder's output.
-Only safetensors and JSON are read; nothing is ever unpickled.
+What goes into the files is each method's business (`Method.to_file` / `from_file`: LoRA writes
+`base_model.model.<module>.lora_A.weight` [r, in] ..., prompt methods `prompt_embeddings`,
+AdaLoRA its pruned triplets and `rank_pattern`); this module reads and writes the two files:
+the JSON as PEFT writes it (`inference_mode` true, sorted keys), safetensors with PEFT's
+`{"format": "pt"}` metadata, contiguous numpy arrays. Only safetensors and JSON are read;
+nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -19,38 +16,23 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from jpeft.adapter import PROMPT_ENCODER, Adapter, method_for
-from jpeft.config import config_from_dict
+from jpeft.adapter import Adapter
+from jpeft.method import config_from_dict, method_for
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-PROMPT_KEY = "prompt_embeddings"
 
 
 def save_pretrained(adapter: Adapter, save_directory: str | os.PathLike) -> None:
     """Write `adapter` in PEFT's layout, loadable by `PeftModel.from_pretrained`."""
     os.makedirs(save_directory, exist_ok=True)
-    method = method_for(adapter.config)
-    if method.is_prompt_learning:
-        tensors = {PROMPT_KEY: _to_numpy(method.prompt_embeddings(adapter))}
-    else:
-        if method.to_saved is not None:
-            adapter = method.to_saved(adapter)
-        tensors = {}
-        for module, pieces in adapter.weights.items():
-            for piece, value in pieces.items():
-                tensors[f"{PREFIX}{module}.{piece}"] = _to_numpy(value)
-    for name, value in adapter.overrides.items():
-        tensors[_override_key(name, adapter.weights)] = _to_numpy(value)
-    config = adapter.config
-    save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    data = config.to_dict()
+    data, tensors = method_for(adapter.config).to_file(adapter)
+    arrays = {key: _to_numpy(value) for key, value in tensors.items()}
+    save_file(arrays, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
     data["inference_mode"] = True
     with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
@@ -61,20 +43,14 @@ def _to_numpy(value: jax.Array) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _override_key(name: str, targeted: Mapping[str, Any]) -> str:
-    module, _, leaf = name.rpartition(".")
-    if leaf == "bias" and module in targeted:
-        return f"{PREFIX}{module}.base_layer.bias"
-    return f"{PREFIX}{name}"
-
-
 def load_pretrained(
     directory: str | os.PathLike, params: Mapping[str, Any] | None = None
 ) -> Adapter:
     """Read an adapter saved by PEFT (or jpeft) from `directory`.
 
-    `params` is needed only for PiSSA/OLoRA adapters saved unconverted: PEFT recomputes their
-    starting factors from the base weights on load, and so does jpeft.
+    `params` is needed only where PEFT's file needs the base weights to be read (PiSSA/OLoRA
+    adapters saved unconverted: PEFT recomputes their starting factors on load, and so does
+    jpeft).
     """
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(config_path):
@@ -86,36 +62,7 @@ def load_pretrained(
         raise ValueError(f"{config_path} is not valid JSON: {err}") from None
     config = config_from_dict(data, source=config_path)
     tensors = _read_tensors(directory)
-    method = method_for(config)
-    if method.is_prompt_learning:
-        return _prompt_adapter(config, tensors, directory)
-    weights: dict[str, dict[str, jax.Array]] = {}
-    overrides: dict[str, jax.Array] = {}
-    for key, value in tensors.items():
-        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        piece = next((p for p in method.piece_names if name.endswith("." + p)), None)
-        if piece is not None:
-            weights.setdefault(name[: -len(piece) - 1], {})[piece] = jnp.asarray(value)
-        elif name.endswith(".base_layer.weight"):
-            continue  # PEFT's copy of an embedding table it targets; the base has it already
-        else:
-            overrides[name.replace(".base_layer.", ".")] = jnp.asarray(value)
-    adapter = Adapter(config, weights, overrides)
-    if method.from_saved is not None:
-        adapter = method.from_saved(adapter, params, str(directory))
-    return adapter
-
-
-def _prompt_adapter(config, tensors: Mapping[str, np.ndarray], directory) -> Adapter:
-    """PEFT saves a prompt-learning adapter as the encoder's output alone; like PEFT's inference
-    load, it becomes the encoder's embedding and is used as is."""
-    if set(tensors) != {PROMPT_KEY}:
-        raise ValueError(
-            f"{directory}: a {config.peft_type} adapter file holds one tensor, {PROMPT_KEY!r}; "
-            f"found {sorted(tensors)}"
-        )
-    embedding = {"embedding.weight": jnp.asarray(tensors[PROMPT_KEY])}
-    return Adapter(config, {PROMPT_ENCODER: embedding})
+    return method_for(config).from_file(config, tensors, params, str(directory))
 
 
 def _read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:

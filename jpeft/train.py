@@ -1,8 +1,10 @@
-"""Training helpers: the causal-LM loss, optax masks, and a jitted train-step builder.
+"""Training: the losses, optax masks, and the jitted train step (`jpeft finetune` runs it too).
 
 The step differentiates a function of the trainable adapter leaves only: the base params and the
 adapter's frozen state are plain arguments, so no weight-sized gradient is ever formed and the
-optimizer state scales with the adapter, not the model.
+optimizer state scales with the adapter, not the model. What a method adds to training comes
+from its registry entry: a loss term (`regularizer`, AdaLoRA's orthogonality) and an optimizer
+wrapper (`wrap_optimizer`, AdaLoRA's rank allocator), so the step is the same for every method.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jpeft.activations import traced_on
 from jpeft.adapter import Adapter, is_trainable
-from jpeft.sharding.activations import traced_on
+from jpeft.method import method_for, optimizer_for
 from jpeft.sharding.placement import StepShardings
 from jpeft.tree import combine, partition, path_str
 
@@ -97,21 +100,64 @@ def optax_mask(
     return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
+# An objective: (model, params, adapter, batch, dropout_key) -> scalar loss.
+Objective = Callable[[Any, Any, Adapter, dict, jax.Array | None], jax.Array]
+
+
+def causal_lm_objective(model, params, adapter: Adapter, batch: dict, dropout_key) -> jax.Array:
+    """`causal_lm_loss` of the full logits: batch `input_ids` [B, S], `labels` [B, S] (-100: no
+    loss), optional `attention_mask` [B, S]; a prompt adapter's virtual tokens get no loss."""
+    logits = model.apply(
+        params,
+        batch["input_ids"],
+        adapter=adapter,
+        attention_mask=batch.get("attention_mask"),
+        dropout_key=dropout_key,
+    )
+    return causal_lm_loss(logits, with_virtual_labels(batch["labels"], logits.shape[1]))
+
+
+def answer_objective(model, params, adapter: Adapter, batch: dict, dropout_key) -> jax.Array:
+    """Mean cross entropy at chosen positions, the LM head run there only (not over [B, S, V]).
+
+    batch: `input_ids` [B, S]; `positions` [B, A], the positions whose next token is scored
+    (counted in the real tokens: a prompt adapter's virtual tokens are added here); `targets`
+    [B, A] those next tokens; `valid` [B, A] bool, which of them count.
+    """
+    hidden = model.hidden_states(
+        params, batch["input_ids"], adapter=adapter, dropout_key=dropout_key
+    )
+    positions = batch["positions"] + (hidden.shape[1] - batch["input_ids"].shape[1])
+    picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    logits = model.logits(params, picked, adapter=adapter).astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(batch["valid"], nll, 0.0)) / jnp.maximum(batch["valid"].sum(), 1)
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, trainable: Adapter) -> Any:
+    """The optimizer state `make_train_step` expects: `optimizer.init(trainable)`, through the
+    method's optimizer wrapper (AdaLoRA keeps its rank allocator's state there)."""
+    return optimizer_for(optimizer, trainable).init(trainable)
+
+
 def make_train_step(
     model: Any,
     optimizer: optax.GradientTransformation,
-    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = causal_lm_loss,
+    objective: Objective = causal_lm_objective,
     *,
     shardings: StepShardings | None = None,
     remat: str | None = None,
 ) -> Callable:
     """A jitted train step `step(params, adapter, opt_state, batch, dropout_key)`.
 
-    It returns `(adapter, opt_state, loss)`.
-    `batch` holds `input_ids` [batch, seq], `labels` [batch, seq] and optionally `attention_mask`;
-    the labels of a prompt adapter's virtual tokens are added here.
-    `opt_state` is `optimizer.init(trainable)` with `trainable, _ = jpeft.partition(adapter)`.
-    The adapter and optimizer state are donated.
+    It returns `(adapter, opt_state, loss)`; the loss includes the method's regularizer.
+    `batch` is what `objective` reads (default `causal_lm_objective`: `input_ids` [batch, seq],
+    `labels` [batch, seq], optional `attention_mask`). `opt_state` is
+    `init_opt_state(optimizer, trainable)` with `trainable, _ = jpeft.partition(adapter)` (for
+    most methods that is `optimizer.init(trainable)`). The adapter and optimizer state are
+    donated. `dropout_key`: a PRNG key, an integer seed (such as the step index: on a multi-host
+    mesh it needs no placing) or None (no dropout).
 
     shardings: from `jpeft.sharding.step_shardings(mesh, params, adapter, optimizer)`: the step is
         compiled with those `in_shardings`/`out_shardings` (the batch split over data x fsdp,
@@ -122,19 +168,20 @@ def make_train_step(
 
     def loss_of(trainable: Adapter, frozen: Adapter, params, batch, dropout_key):
         adapter = combine(trainable, frozen)
-        logits = model.apply(
-            params,
-            batch["input_ids"],
-            adapter=adapter,
-            attention_mask=batch.get("attention_mask"),
-            dropout_key=dropout_key,
-        )
-        return loss_fn(logits, with_virtual_labels(batch["labels"], logits.shape[1]))
+        loss = objective(model, params, adapter, batch, dropout_key)
+        extra = method_for(adapter.config).regularizer(adapter)
+        return loss if extra is None else loss + extra
 
     def step(params, adapter: Adapter, opt_state, batch, dropout_key=None):
+        if dropout_key is not None and not jax.dtypes.issubdtype(
+            dropout_key.dtype, jax.dtypes.prng_key
+        ):
+            dropout_key = jax.random.key(dropout_key)
         trainable, frozen = partition(adapter, is_trainable)
+        adapter_optimizer = optimizer_for(optimizer, adapter)
+        _check_opt_state(adapter_optimizer, trainable, opt_state)
         loss, grads = jax.value_and_grad(loss_of)(trainable, frozen, params, batch, dropout_key)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        updates, opt_state = adapter_optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         return combine(trainable, frozen), opt_state, loss
 
@@ -147,3 +194,14 @@ def make_train_step(
         out_shardings=(s.adapter, s.opt_state, s.replicated),
         donate_argnums=(1, 2),
     )
+
+
+def _check_opt_state(optimizer: optax.GradientTransformation, trainable: Adapter, opt_state):
+    """ValueError when `opt_state` is not the state of the adapter's optimizer (at trace time)."""
+    expected = jax.tree.structure(jax.eval_shape(optimizer.init, trainable))
+    if jax.tree.structure(opt_state) != expected:
+        raise ValueError(
+            f"opt_state does not fit the optimizer of this {trainable.config.peft_type} adapter; "
+            "create it with jpeft.train.init_opt_state(optimizer, trainable) (AdaLoRA keeps its "
+            "rank allocator in the optimizer state)"
+        )

@@ -154,7 +154,8 @@ def test_train_step_learns_and_never_forms_weight_gradients(tiny):
     model, params, ids = tiny
     config = jpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1)
     adapter = jpeft.init_adapter(params, config, key=jax.random.key(0))
-    optimizer = optax.adamw(3e-2)
+    # 3e-2 oscillates with dropout on this tiny model (random init as of JAX 0.10); 1e-2 learns
+    optimizer = optax.adamw(1e-2)
     trainable, _ = jpeft.partition(adapter)
     opt_state = optimizer.init(trainable)
     step = train.make_train_step(model.model, optimizer)
@@ -178,10 +179,10 @@ def test_layers_below_the_adapter_run_without_backward(tiny):
     model, params, ids = tiny
     config = jpeft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[1])
     adapter = perturbed(jpeft.init_adapter(params, config, key=jax.random.key(0)))
-    assert jpeft.adapter.untouched_layers(params, adapter) == 1
+    assert jpeft.injection.untouched_layers(params, adapter) == 1
     head = jpeft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
     assert (
-        jpeft.adapter.untouched_layers(
+        jpeft.injection.untouched_layers(
             params, jpeft.init_adapter(params, head, key=jax.random.key(0))
         )
         == 0

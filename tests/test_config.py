@@ -9,7 +9,7 @@ import peft
 import pytest
 
 from jpeft import LoraConfig
-from jpeft.config import config_from_dict
+from jpeft.method import config_from_dict
 
 KWARGS = [
     {},

@@ -12,17 +12,10 @@ import time
 
 import numpy as np
 import pytest
-import tokenizers
-import torch
-import transformers
+from tiny_models import TOPIC_WORDS, TOPICS, WORDS, save_word_level_llama
 
 from jpeft import cli
 from jpeft.finetune import data as jdata
-
-WORDS = "the a market shares bank profit film actor music award vote minister party election"
-WORDS = WORDS.split()
-TOPICS = ["money", "show", "state"]
-TOPIC_WORDS = {"money": WORDS[2:6], "show": WORDS[6:10], "state": WORDS[10:14]}
 
 
 def test_bbc_split_is_fixed_and_disjoint():
@@ -38,29 +31,7 @@ def test_bbc_split_is_fixed_and_disjoint():
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny Llama with a word-level tokenizer, saved as a HF directory."""
-    path = tmp_path_factory.mktemp("tiny")
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS, *TOPICS])}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    backend.decoder = tokenizers.decoders.WordPiece()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tokenizer.save_pretrained(path)
-    config = transformers.LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        initializer_range=0.3,  # a random base with signal in it, so a small LoRA learns fast
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return path
+    return save_word_level_llama(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from tiny_models import TINY_LLAMA
 
 import jpeft
 from jpeft import train
-from jpeft.config import config_from_dict
+from jpeft.method import config_from_dict
 from jpeft.methods.ia3 import IA3Weight, is_feedforward
 
 TINY = {**TINY_LLAMA, "model_type": "qwen2"}

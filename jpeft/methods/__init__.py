@@ -1,9 +1,8 @@
-"""One file per PEFT method; importing this package registers them all."""
+"""One file per PEFT method. Importing this package imports every module in it, and each method
+module registers itself (`@jpeft.method.register`), so a new method is one new file here."""
 
-from jpeft.methods import (  # noqa: F401
-    ia3,
-    lora,  # noqa: F401
-    p_tuning,
-    prefix_tuning,
-    prompt_tuning,
-)
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -29,8 +29,9 @@ import numpy as np
 
 from jpeft import targeting
 from jpeft import tree as jtree
-from jpeft.adapter import Adapter, Method, register_method
-from jpeft.config import PeftConfig, register_config
+from jpeft.adapter import Adapter
+from jpeft.config import PeftConfig
+from jpeft.method import JobOptionError, JobSpec, WeightMethod, register
 from jpeft.methods import common
 from jpeft.ops import dense
 from jpeft.tree import ModuleRef
@@ -47,7 +48,6 @@ DEFAULT_TARGETS = {
 DEFAULT_FEEDFORWARD = {model_type: ("down_proj",) for model_type in DEFAULT_TARGETS}
 
 
-@register_config("IA3")
 @dataclasses.dataclass(frozen=True)
 class IA3Config(PeftConfig):
     """PEFT's `IA3Config`: same field names, defaults and JSON."""
@@ -142,12 +142,6 @@ jax.tree_util.register_dataclass(
 )
 
 
-def make_node(base, pieces, frozen, constants, active, dropout_key, config) -> IA3Weight:
-    """The adapted weight for one (possibly stacked) module; see `jpeft.adapter.Method`."""
-    vector = pieces[L_KEY]
-    return IA3Weight(base, vector, active, _feedforward_shape(base.shape, np.shape(vector)))
-
-
 def _feedforward_shape(base_shape: tuple, vector_shape: tuple) -> bool:
     """True for l [..., 1, in], False for l [..., out, 1]; ValueError when a stack mixes both."""
     out_dim, in_dim = base_shape[-2:]
@@ -163,27 +157,11 @@ def _feedforward_shape(base_shape: tuple, vector_shape: tuple) -> bool:
     )
 
 
-def check_shapes(config: IA3Config, name: str, base_shape: tuple, pieces) -> None:
-    """ValueError naming the module and both shapes when a vector does not fit its weight."""
-    out_dim, in_dim = base_shape
-    got = tuple(np.shape(pieces[L_KEY]))
-    if got not in ((1, in_dim), (out_dim, 1)):
-        raise ValueError(
-            f"{name}.{L_KEY} has shape {got}, but the model's weight {name}.weight has shape "
-            f"{tuple(base_shape)}, which needs {L_KEY} of shape (1, {in_dim}) (feed-forward) or "
-            f"({out_dim}, 1); was the adapter trained on another model?"
-        )
-
-
-def module_constants(config: IA3Config, name: str, pieces) -> dict[str, float]:
-    return {}
-
-
 # ---------------------------------------------------------------------------------------------
 # init
 
 
-def init_adapter(params, config: IA3Config, key, model=None) -> Adapter:
+def _init_adapter(params, config: IA3Config, key, model=None) -> Adapter:
     """Targets and feed-forward modules resolved by PEFT's rules; vectors of ones (or N(0, 1)
     with init_ia3_weights=False), in the base weights' dtype."""
     common.warn_fan_in_fan_out(config)
@@ -253,14 +231,58 @@ def _check_stacked_groups(
             )
 
 
-register_method(
-    "IA3",
-    Method(
-        init_adapter=init_adapter,
-        piece_names=(L_KEY,),
-        piece_axes={L_KEY: (0, 1)},  # [out, 1] or [1, in]: the size-1 axis stays whole
-        make_node=make_node,
-        module_constants=module_constants,
-        check_shapes=check_shapes,
-    ),
-)
+def _layer_regex(names: Sequence[str], layers: list[int] | None) -> str | list[str]:
+    """PEFT target_modules for `names` in `layers` only: a full-match regex (IA3 has no
+    `layers_to_transform`), or the plain names for all layers."""
+    if layers is None:
+        return list(names)
+    alternatives = "|".join(re.escape(name) for name in names)
+    indices = "|".join(str(i) for i in layers)
+    return rf"model\.layers\.({indices})\.\w+\.({alternatives})"
+
+
+@register
+class IA3(WeightMethod):
+    """(IA)^3 on linear layers."""
+
+    peft_type = "IA3"
+    name = "ia3"
+    config_class = IA3Config
+    default_lr = 1e-2
+    job_help = "IA3, PEFT's targets for the architecture on the top layers"
+    piece_names = (L_KEY,)
+    piece_axes = {L_KEY: (0, 1)}  # [out, 1] or [1, in]: the size-1 axis stays whole
+
+    def init_adapter(self, params, config: IA3Config, key, model=None) -> Adapter:
+        return _init_adapter(params, config, key, model)
+
+    def make_node(self, base, pieces, frozen, constants, active, dropout_key, config) -> IA3Weight:
+        vector = pieces[L_KEY]
+        return IA3Weight(base, vector, active, _feedforward_shape(base.shape, np.shape(vector)))
+
+    def check_shapes(self, config: IA3Config, module: str, base_shape: tuple, pieces) -> None:
+        """ValueError naming the module and both shapes when a vector does not fit its weight."""
+        out_dim, in_dim = base_shape
+        got = tuple(np.shape(pieces[L_KEY]))
+        if got not in ((1, in_dim), (out_dim, 1)):
+            raise ValueError(
+                f"{module}.{L_KEY} has shape {got}, but the model's weight {module}.weight has "
+                f"shape {tuple(base_shape)}, which needs {L_KEY} of shape (1, {in_dim}) "
+                f"(feed-forward) or ({out_dim}, 1); was the adapter trained on another model?"
+            )
+
+    def job_config(self, job: JobSpec) -> IA3Config:
+        """PEFT's IA3 targets for the architecture (or `--target-modules` names) on the top
+        layers; its feed-forward defaults among them."""
+        names = job.target_modules or DEFAULT_TARGETS.get(job.model_type)
+        if names is None or isinstance(names, str):
+            raise JobOptionError(
+                "--method ia3 needs --target-modules as a comma-separated list of module names "
+                f"for model type {job.model_type!r}"
+            )
+        feedforward = [n for n in DEFAULT_FEEDFORWARD.get(job.model_type, ()) if n in names]
+        return IA3Config(
+            target_modules=_layer_regex(names, job.train_layers),
+            feedforward_modules=feedforward,
+            **job.common,
+        )

@@ -24,13 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import targeting
 from jpeft import tree as jtree
-from jpeft.adapter import Adapter, Method, register_method
-from jpeft.config import PeftConfig, register_config
-from jpeft.methods import common
+from jpeft.adapter import Adapter
+from jpeft.method import register
 from jpeft.methods.lora_ops import lora_embed, lora_linear
-from jpeft.ops import as_array
+from jpeft.methods.low_rank import ANY, LowRankConfig, LowRankMethod, kaiming_uniform
+from jpeft.ops import as_array, dense
 from jpeft.quant import QuantizedTensor
 
 A_KEY, B_KEY, MAG_KEY = "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"
@@ -40,10 +39,12 @@ RESIDUAL_INITS = ("pissa", "olora")
 SIMPLE_INITS = (True, False, "gaussian")
 
 
-@register_config("LORA")
 @dataclasses.dataclass(frozen=True)
-class LoraConfig(PeftConfig):
+class LoraConfig(LowRankConfig):
     """PEFT's `LoraConfig`: same field names, defaults and JSON."""
+
+    ALPHA_FIELD: ClassVar[str] = "lora_alpha"
+    DROPOUT_FIELDS: ClassVar[tuple[str, ...]] = ("lora_dropout",)
 
     r: int = 8
     lora_alpha: float = 8
@@ -84,23 +85,11 @@ class LoraConfig(PeftConfig):
     }
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoraConfig.r must be a positive integer, got r={self.r!r}")
-        for key, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be > 0, got {rank!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        super().validate()
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(
                 f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"
             )
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("`layers_pattern` needs `layers_to_transform` as well.")
         init = self.init_lora_weights
         if not (init in SIMPLE_INITS or init in RESIDUAL_INITS or _pissa_niter(init) is not None):
             raise ValueError(
@@ -112,12 +101,6 @@ class LoraConfig(PeftConfig):
     def has_residual_init(self) -> bool:
         """PiSSA/OLoRA: the adapter starts from a decomposition of W and trains on the residual."""
         return self.init_lora_weights in RESIDUAL_INITS or _pissa_niter(self.init_lora_weights)
-
-    def rank_for(self, module_name: str) -> int:
-        return targeting.pattern_value(self.rank_pattern, module_name, self.r)
-
-    def alpha_for(self, module_name: str) -> float:
-        return targeting.pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
 
     def scaling_for(self, module_name: str) -> float:
         rank, alpha = self.rank_for(module_name), self.alpha_for(module_name)
@@ -203,8 +186,6 @@ class LoraEmbedding:
 
     def linear(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
         """A tied output head reads the frozen table, as in PEFT (the delta is input-side only)."""
-        from jpeft.ops import dense
-
         return dense(x, self.base, bias)
 
     def merged_weight(self) -> jax.Array:
@@ -238,66 +219,8 @@ jax.tree_util.register_dataclass(
 )
 
 
-def make_node(base, pieces, frozen, constants, active, dropout_key, config: LoraConfig):
-    """The adapted weight for one (possibly stacked) module; see `jpeft.adapter.Method`."""
-    scaling = constants.get("scaling", jnp.float32(0.0))
-    if EMB_A_KEY in pieces:
-        return LoraEmbedding(base, pieces[EMB_A_KEY], pieces[EMB_B_KEY], scaling)
-    use_dropout = config.lora_dropout > 0 and dropout_key is not None
-    return LoraWeight(
-        base=base,
-        lora_A=pieces[A_KEY],
-        lora_B=pieces[B_KEY],
-        scaling=scaling,
-        magnitude=pieces.get(MAG_KEY),
-        init_A=frozen.get(A_KEY),
-        init_B=frozen.get(B_KEY),
-        active=active if MAG_KEY in pieces else None,
-        dropout_key=dropout_key if use_dropout else None,
-        dropout_rate=config.lora_dropout if use_dropout else 0.0,
-    )
-
-
-def check_shapes(config: LoraConfig, name: str, base_shape: tuple, pieces) -> None:
-    """ValueError naming the module and both shapes when an adapter does not fit its weight."""
-    out_dim, in_dim = base_shape
-    if EMB_A_KEY in pieces:
-        expected = {EMB_A_KEY: (None, out_dim), EMB_B_KEY: (in_dim, None)}
-    else:
-        expected = {A_KEY: (None, in_dim), B_KEY: (out_dim, None), MAG_KEY: (out_dim,)}
-    for piece, want in expected.items():
-        if piece not in pieces:
-            continue
-        got = tuple(np.shape(pieces[piece]))
-        if len(got) != len(want) or any(
-            w is not None and w != g for w, g in zip(want, got, strict=True)
-        ):
-            shown = tuple("r" if w is None else w for w in want)
-            raise ValueError(
-                f"{name}.{piece} has shape {got}, but the model's weight {name}.weight has shape "
-                f"{tuple(base_shape)}, which needs {piece} of shape {shown}; was the adapter "
-                "trained on another model?"
-            )
-    a, b = (EMB_A_KEY, EMB_B_KEY) if EMB_A_KEY in pieces else (A_KEY, B_KEY)
-    if a in pieces and b in pieces and np.shape(pieces[a])[0] != np.shape(pieces[b])[1]:
-        raise ValueError(
-            f"{name}: {a} has rank {np.shape(pieces[a])[0]} but {b} has rank "
-            f"{np.shape(pieces[b])[1]}"
-        )
-
-
-def module_constants(config: LoraConfig, name: str, pieces) -> dict[str, float]:
-    return {"scaling": config.scaling_for(name)}
-
-
 # ---------------------------------------------------------------------------------------------
 # init
-
-
-def _kaiming_uniform(key, shape, fan_in: int) -> jax.Array:
-    """torch's kaiming_uniform_(a=sqrt(5)), as nn.Linear uses it: U(±1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 def _init_linear(config: LoraConfig, name: str, weight, key) -> tuple[dict, dict]:
@@ -308,14 +231,14 @@ def _init_linear(config: LoraConfig, name: str, weight, key) -> tuple[dict, dict
     init = config.init_lora_weights
     frozen = {}
     if init is True:
-        lora_a = _kaiming_uniform(key_a, (rank, in_dim), in_dim)
+        lora_a = kaiming_uniform(key_a, (rank, in_dim), in_dim)
         lora_b = jnp.zeros((out_dim, rank), jnp.float32)
     elif init == "gaussian":
         lora_a = jax.random.normal(key_a, (rank, in_dim), jnp.float32) / rank
         lora_b = jnp.zeros((out_dim, rank), jnp.float32)
     elif init is False:
-        lora_a = _kaiming_uniform(key_a, (rank, in_dim), in_dim)
-        lora_b = _kaiming_uniform(key_b, (out_dim, rank), rank)
+        lora_a = kaiming_uniform(key_a, (rank, in_dim), in_dim)
+        lora_b = kaiming_uniform(key_b, (out_dim, rank), rank)
     else:
         lora_a, lora_b = _decomposition_init(config, weight, rank, scaling, key_a)
         frozen = {A_KEY: lora_a, B_KEY: lora_b}
@@ -385,42 +308,6 @@ def _init_embedding(config: LoraConfig, name: str, table, key) -> dict:
     return {EMB_A_KEY: lora_a, EMB_B_KEY: jax.random.normal(key_b, (dim, rank), jnp.float32)}
 
 
-def init_adapter(params, config: LoraConfig, key, model=None) -> Adapter:
-    """Targets resolved by PEFT's rules; pieces initialised as `init_lora_weights` says."""
-    common.warn_fan_in_fan_out(config)
-    targets = targeting.resolve_targets(params, config, common.model_type_of(model))
-    weights, frozen = {}, {}
-    for index, ref in enumerate(targets):
-        base = jtree.get_path(params, f"{ref.tree_path}.weight")
-        weight = jtree.layer_of(base, ref.layer)
-        module_key = jax.random.fold_in(key, index)
-        if ref.kind == "embedding":
-            if config.has_residual_init:
-                raise ValueError(
-                    f"{ref.name}: {config.init_lora_weights} init needs a linear layer"
-                )
-            weights[ref.name] = _init_embedding(config, ref.name, weight, module_key)
-            continue
-        pieces, start = _init_linear(config, ref.name, weight, module_key)
-        dtype = common.adapter_dtype(weight)
-        weights[ref.name] = {k: v.astype(dtype) for k, v in pieces.items()}
-        if start:
-            frozen[ref.name] = {k: v.astype(dtype) for k, v in start.items()}
-    overrides = _trainable_base_leaves(params, config, [ref.name for ref in targets])
-    return Adapter(config, weights, overrides, frozen)
-
-
-def _trainable_base_leaves(params, config: LoraConfig, target_names: list[str]) -> dict:
-    """Copies of the base leaves LoRA trains besides its factors: modules_to_save and biases."""
-    names = list(targeting.resolve_modules_to_save(params, config.modules_to_save or ()))
-    if config.bias == "all":
-        names += [n for n in jtree.hf_leaf_names(params) if n.endswith(".bias")]
-    elif config.bias == "lora_only":
-        leaves = set(jtree.hf_leaf_names(params))
-        names += [f"{t}.bias" for t in target_names if f"{t}.bias" in leaves]
-    return common.base_leaf_copies(params, names)
-
-
 # ---------------------------------------------------------------------------------------------
 # PEFT's file format
 
@@ -464,23 +351,76 @@ def from_saved(adapter: Adapter, params, source: str) -> Adapter:
     return adapter.replace(frozen=frozen_start(params, config, list(adapter.weights)))
 
 
-register_method(
-    "LORA",
-    Method(
-        init_adapter=init_adapter,
-        piece_names=(A_KEY, B_KEY, MAG_KEY, EMB_A_KEY, EMB_B_KEY),
-        # A [r, in], B [out, r], magnitude [out]; on a table [vocab, dim]: A [r, vocab], B [dim, r]
-        piece_axes={
-            A_KEY: (None, 1),
-            B_KEY: (0, None),
-            MAG_KEY: (0,),
-            EMB_A_KEY: (None, 0),
-            EMB_B_KEY: (1, None),
-        },
-        make_node=make_node,
-        module_constants=module_constants,
-        check_shapes=check_shapes,
-        to_saved=to_saved,
-        from_saved=from_saved,
-    ),
-)
+@register
+class Lora(LowRankMethod):
+    """LoRA (with rsLoRA, DoRA, PiSSA/OLoRA) on linear and embedding layers."""
+
+    peft_type = "LORA"
+    name = "lora"
+    config_class = LoraConfig
+    default_lr = 2e-3
+    job_help = "LoRA, r=--r, alpha=--lora-alpha, all-linear on the top layers"
+    module_kinds = ("linear", "embedding")
+    piece_names = (A_KEY, B_KEY, MAG_KEY, EMB_A_KEY, EMB_B_KEY)
+    # A [r, in], B [out, r], magnitude [out]; on a table [vocab, dim]: A [r, vocab], B [dim, r]
+    piece_axes = {
+        A_KEY: (None, 1),
+        B_KEY: (0, None),
+        MAG_KEY: (0,),
+        EMB_A_KEY: (None, 0),
+        EMB_B_KEY: (1, None),
+    }
+
+    def init_module(self, config: LoraConfig, ref, weight, key):
+        if ref.kind == "embedding":
+            if config.has_residual_init:
+                raise ValueError(
+                    f"{ref.name}: {config.init_lora_weights} init needs a linear layer"
+                )
+            return _init_embedding(config, ref.name, weight, key), {}
+        return _init_linear(config, ref.name, weight, key)
+
+    def module_constants(self, config: LoraConfig, module: str, pieces):
+        return {"scaling": config.scaling_for(module)}
+
+    def expected_shapes(self, config, module: str, base_shape, pieces):
+        out_dim, in_dim = base_shape
+        if EMB_A_KEY in pieces:
+            return {EMB_A_KEY: (ANY, out_dim), EMB_B_KEY: (in_dim, ANY)}
+        return {A_KEY: (ANY, in_dim), B_KEY: (out_dim, ANY), MAG_KEY: (out_dim,)}
+
+    def check_shapes(self, config, module: str, base_shape, pieces) -> None:
+        super().check_shapes(config, module, base_shape, pieces)
+        a, b = (EMB_A_KEY, EMB_B_KEY) if EMB_A_KEY in pieces else (A_KEY, B_KEY)
+        if a in pieces and b in pieces and np.shape(pieces[a])[0] != np.shape(pieces[b])[1]:
+            raise ValueError(
+                f"{module}: {a} has rank {np.shape(pieces[a])[0]} but {b} has rank "
+                f"{np.shape(pieces[b])[1]}"
+            )
+
+    def make_node(self, base, pieces, frozen, constants, active, dropout_key, config):
+        scaling = constants.get("scaling", jnp.float32(0.0))
+        if EMB_A_KEY in pieces:
+            return LoraEmbedding(base, pieces[EMB_A_KEY], pieces[EMB_B_KEY], scaling)
+        use_dropout = config.lora_dropout > 0 and dropout_key is not None
+        return LoraWeight(
+            base=base,
+            lora_A=pieces[A_KEY],
+            lora_B=pieces[B_KEY],
+            scaling=scaling,
+            magnitude=pieces.get(MAG_KEY),
+            init_A=frozen.get(A_KEY),
+            init_B=frozen.get(B_KEY),
+            active=active if MAG_KEY in pieces else None,
+            dropout_key=dropout_key if use_dropout else None,
+            dropout_rate=config.lora_dropout if use_dropout else 0.0,
+        )
+
+    def to_file(self, adapter: Adapter):
+        return super().to_file(to_saved(adapter))
+
+    def from_file(self, config, tensors, params, source: str) -> Adapter:
+        return from_saved(super().from_file(config, tensors, params, source), params, source)
+
+    def job_fields(self, job) -> dict:
+        return {"lora_dropout": job.lora_dropout}

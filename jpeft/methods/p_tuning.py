@@ -22,14 +22,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jpeft.adapter import PROMPT_ENCODER, Adapter, Method, Prompt, register_method
-from jpeft.config import register_config
+from jpeft.adapter import PROMPT_ENCODER, Adapter, Prompt
+from jpeft.method import JobSpec, PromptMethod, register
 from jpeft.methods import prompt_learning as pl
 
 ENCODERS = ("MLP", "LSTM")
 
 
-@register_config("P_TUNING")
 @dataclasses.dataclass(frozen=True)
 class PromptEncoderConfig(pl.PromptLearningConfig):
     """PEFT's `PromptEncoderConfig`: same field names, defaults and JSON."""
@@ -57,7 +56,7 @@ class PromptEncoderConfig(pl.PromptLearningConfig):
             )
 
 
-def init_adapter(params, config: PromptEncoderConfig, key, model=None) -> Adapter:
+def _init_adapter(params, config: PromptEncoderConfig, key, model=None) -> Adapter:
     """The embedding (N(0, 1)) and encoder (torch's default inits) in float32."""
     config = pl.fill_for_virtual_tokens(config, params, model)
     if config.encoder_hidden_size is None:
@@ -159,11 +158,27 @@ def encode(adapter: Adapter, dropout_key=None) -> jax.Array:
     return pl.dense(x, pieces, "mlp_head.4")
 
 
-def prompt(adapter: Adapter, dropout_key=None) -> Prompt:
+def _prompt(adapter: Adapter, dropout_key=None) -> Prompt:
     return Prompt(embeddings=encode(adapter, dropout_key))
 
 
-register_method(
-    "P_TUNING",
-    Method(init_adapter=init_adapter, prompt=prompt, prompt_embeddings=encode),
-)
+@register
+class PTuning(PromptMethod):
+    peft_type = "P_TUNING"
+    name = "p-tuning"
+    config_class = PromptEncoderConfig
+    default_lr = 0.003
+    job_help = "p-tuning, PEFT's MLP prompt encoder, --virtual-tokens"
+
+    def init_adapter(self, params, config: PromptEncoderConfig, key, model=None) -> Adapter:
+        return _init_adapter(params, config, key, model)
+
+    def prompt(self, adapter: Adapter, dropout_key=None) -> Prompt:
+        return _prompt(adapter, dropout_key)
+
+    def prompt_embeddings(self, adapter: Adapter) -> jax.Array:
+        return encode(adapter)
+
+    def job_config(self, job: JobSpec) -> PromptEncoderConfig:
+        """PEFT's MLP prompt encoder."""
+        return PromptEncoderConfig(num_virtual_tokens=job.virtual_tokens, **job.common)

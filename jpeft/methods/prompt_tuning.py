@@ -18,14 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import tree as jtree
-from jpeft.adapter import PROMPT_ENCODER, Adapter, Method, Prompt, register_method
-from jpeft.config import register_config
+from jpeft.adapter import PROMPT_ENCODER, Adapter, Prompt
+from jpeft.method import JobSpec, PromptMethod, register
 from jpeft.methods import prompt_learning as pl
 
 INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 
 
-@register_config("PROMPT_TUNING")
 @dataclasses.dataclass(frozen=True)
 class PromptTuningConfig(pl.PromptLearningConfig):
     """PEFT's `PromptTuningConfig`: same field names, defaults and JSON."""
@@ -58,7 +57,7 @@ class PromptTuningConfig(pl.PromptLearningConfig):
             )
 
 
-def init_adapter(params, config: PromptTuningConfig, key, model=None) -> Adapter:
+def _init_adapter(params, config: PromptTuningConfig, key, model=None) -> Adapter:
     """Virtual token embeddings [T, hidden] in float32, initialised as `prompt_tuning_init` says."""
     config = pl.fill_for_virtual_tokens(config, params, model)
     table = jtree.get_path(params, "model.embed_tokens.weight")
@@ -77,7 +76,7 @@ def init_adapter(params, config: PromptTuningConfig, key, model=None) -> Adapter
 def init_text_ids(config: PromptTuningConfig) -> list[int]:
     """The init text's token ids (special tokens included, as the tokenizer's `__call__` gives
     them), repeated or cut to `num_virtual_tokens`."""
-    from jpeft.models.tokenizer import load_tokenizer
+    from jpeft.tokenizer import load_tokenizer
 
     source = config.tokenizer_name_or_path
     try:
@@ -101,11 +100,34 @@ def prompt_embeddings(adapter: Adapter) -> jax.Array:
     return pl.encoder(adapter)[pl.EMBEDDING]
 
 
-def prompt(adapter: Adapter, dropout_key=None) -> Prompt:
+def _prompt(adapter: Adapter, dropout_key=None) -> Prompt:
     return Prompt(embeddings=prompt_embeddings(adapter))
 
 
-register_method(
-    "PROMPT_TUNING",
-    Method(init_adapter=init_adapter, prompt=prompt, prompt_embeddings=prompt_embeddings),
-)
+@register
+class PromptTuning(PromptMethod):
+    peft_type = "PROMPT_TUNING"
+    name = "prompt-tuning"
+    config_class = PromptTuningConfig
+    default_lr = 0.03
+    job_help = "prompt tuning, --virtual-tokens initialised from the task instruction (TEXT)"
+
+    def init_adapter(self, params, config: PromptTuningConfig, key, model=None) -> Adapter:
+        return _init_adapter(params, config, key, model)
+
+    def prompt(self, adapter: Adapter, dropout_key=None) -> Prompt:
+        return _prompt(adapter, dropout_key)
+
+    def prompt_embeddings(self, adapter: Adapter) -> jax.Array:
+        return prompt_embeddings(adapter)
+
+    def job_config(self, job: JobSpec) -> PromptTuningConfig:
+        """Virtual tokens initialised from the task instruction's tokens (PEFT's TEXT init), so
+        training starts from a prompt that already describes the task."""
+        return PromptTuningConfig(
+            num_virtual_tokens=job.virtual_tokens,
+            prompt_tuning_init="TEXT",
+            prompt_tuning_init_text=job.instruction,
+            tokenizer_name_or_path=job.model_path,
+            **job.common,
+        )

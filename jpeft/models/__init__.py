@@ -4,13 +4,13 @@ from jpeft.models.gguf_loading import load_gguf
 from jpeft.models.hf_loading import (
     config_from_hf,
     from_hf_config,
-    from_pretrained,
     iter_checkpoint_tensors,
     place_tensors,
 )
 from jpeft.models.llama import LlamaForCausalLM, ModelConfig, param_shapes
+from jpeft.models.pretrained import from_pretrained
 from jpeft.models.rope import RopeScaling
-from jpeft.models.tokenizer import load_tokenizer
+from jpeft.tokenizer import load_tokenizer
 
 __all__ = [
     "LlamaForCausalLM",

@@ -23,6 +23,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
+from jpeft.gguf_file import REQUIRED, metadata, open_reader
 from jpeft.models.hf_loading import Placer, config_from_hf, place_tensors
 from jpeft.models.llama import LlamaForCausalLM, ModelConfig, Params
 from jpeft.models.rope import RopeScaling, inverse_frequencies
@@ -62,12 +63,6 @@ _TOP_LEVEL_PATTERN = re.compile(r"(\w+)\.(weight|bias)")
 # between the released Llama 3.x models.
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
 _LLAMA3_ORIGINAL_CONTEXT = 8192
-_REQUIRED = object()
-
-
-def is_gguf_path(path: str | Path) -> bool:
-    """Whether `path` names a GGUF file (by its `.gguf` suffix; it need not exist)."""
-    return Path(path).suffix.lower() == ".gguf"
 
 
 def load_gguf(
@@ -95,14 +90,7 @@ def load_gguf(
 def open_gguf(path: str | Path) -> GGUFReader:
     """A memory-mapped reader of GGUF file `path`, checked for architecture and tensor types."""
     source = str(path)
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"GGUF file {source!r} does not exist")
-    try:
-        reader = GGUFReader(path)
-    except Exception as err:  # the reader reports bad files with assorted exception types
-        raise ValueError(f"{source!r} is not a readable GGUF file ({err})") from None
-    if reader.byte_order != "I":
-        raise ValueError(f"{source!r} is a byte-swapped (big-endian) GGUF file; not supported")
+    reader = open_reader(path)
     arch = metadata(reader, "general.architecture", None)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
@@ -122,21 +110,11 @@ def open_gguf(path: str | Path) -> GGUFReader:
     return reader
 
 
-def metadata(reader: GGUFReader, key: str, default: Any = _REQUIRED, source: str = "") -> Any:
-    """The value of metadata `key` (int, float, bool, str or list), or `default` if absent."""
-    field = reader.get_field(key)
-    if field is not None:
-        return field.contents()
-    if default is _REQUIRED:
-        raise ValueError(f"GGUF file {source!r} has no metadata key {key!r}")
-    return default
-
-
 def hf_config_from_gguf(reader: GGUFReader, source: str) -> dict[str, Any]:
     """The HF config dict (as in `config.json`) that the metadata and tensors of `reader` imply."""
     arch = metadata(reader, "general.architecture", source=source)
 
-    def key(name: str, default: Any = _REQUIRED) -> Any:
+    def key(name: str, default: Any = REQUIRED) -> Any:
         return metadata(reader, f"{arch}.{name}", default, source)
 
     names = {t.name for t in reader.tensors}

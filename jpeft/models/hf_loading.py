@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import tree as jtree
-from jpeft.models import bnb_checkpoint, safetensors_file
+from jpeft.models import safetensors_file
 from jpeft.models.llama import (
     FULL_ATTENTION,
     SLIDING_ATTENTION,
@@ -308,57 +308,7 @@ def _stack_quantized(
         ) from None
 
 
-def from_pretrained(
-    path: str | Path,
-    dtype: Any = None,
-    *,
-    quantize: str | None = None,
-    double_quant: bool = False,
-    blocksize: int = 64,
-    mesh: Any = None,
-    rules: Any = None,
-) -> tuple[LlamaForCausalLM, Params]:
-    """Load a HF checkpoint directory (config.json + safetensors) or a `.gguf` file (see
-    `gguf_loading.load_gguf`) as `(model, params)`.
-
-    quantize: "nf4" or "fp4" quantizes every linear weight but `lm_head` to bitsandbytes'
-        4-bit format while loading, tensor by tensor, so host memory holds the quantized model
-        and one float tensor at a time; `double_quant` and `blocksize` as in bitsandbytes.
-        A checkpoint that transformers saved with a bitsandbytes 4-bit `quantization_config`
-        loads quantized as it is, without this argument.
-    dtype: of the float params, and the compute dtype of the model (its activations and the
-        quantized matmuls). Default: float32; for a quantized model bfloat16 on GPU and TPU and
-        float32 on CPU (`jpeft.quant.default_compute_dtype`).
-    mesh: a `jax.sharding.Mesh`: each leaf goes straight to its shards by the partition `rules`
-        (default: the family's, see `jpeft.sharding`), so no device ever holds a whole model;
-        on several hosts each host reads the checkpoint and places its own devices' parts.
-    """
-    from jpeft.models import gguf_loading  # imported here because it imports this module
-
-    quantization = None
-    if quantize is not None:
-        quantization = QuantConfig(quantize, blocksize, double_quant)
-    place = None
-    if mesh is not None:
-        from jpeft import sharding
-
-        place = sharding.loading_placer(mesh, rules)
-    if gguf_loading.is_gguf_path(path):
-        dtype = _default_dtype(dtype, quantization is not None)
-        return gguf_loading.load_gguf(path, dtype, quantization=quantization, place=place)
-    hf_config = read_config(path)
-    model = from_hf_config(hf_config)
-    tensors = iter_checkpoint_tensors(path)
-    saved = bnb_checkpoint.saved_quantization(hf_config, str(path))
-    if saved is not None:
-        bnb_checkpoint.check_request(saved, quantization, str(path))
-        tensors = bnb_checkpoint.combine_4bit_weights(tensors, checkpoint_keys(path))
-    dtype = _default_dtype(dtype, saved is not None or quantization is not None)
-    params = place_tensors(model.config, tensors, dtype, str(path), quantization, place)
-    return model, params
-
-
-def _default_dtype(dtype: Any, quantized: bool) -> Any:
+def default_dtype(dtype: Any, quantized: bool) -> Any:
     if dtype is not None:
         return dtype
     return default_compute_dtype() if quantized else jnp.float32

@@ -29,10 +29,11 @@ import numpy as np
 from jax import lax
 
 from jpeft import ops
-from jpeft.adapter import Prompt, inject, prompt_of, untouched_layers
+from jpeft.activations import constrain_batch
+from jpeft.adapter import Prompt
+from jpeft.injection import prepare
 from jpeft.models import rope
 from jpeft.models.rope import RopeScaling
-from jpeft.sharding.activations import constrain_batch
 
 Params = dict[str, Any]
 
@@ -244,11 +245,16 @@ class LlamaForCausalLM:
         With a prompt-tuning or p-tuning adapter the logits are [B, T + S, V], the T virtual
         tokens first, as PEFT's are.
         """
-        frozen = untouched_layers(params, adapter)
-        prompt = prompt_of(adapter, dropout_key)
-        params = _inject(params, adapter, dropout_key)
-        hidden = self._hidden(params, input_ids, attention_mask, position_ids, frozen, prompt)
-        return self._head(params, hidden)
+        ready = prepare(params, adapter, dropout_key)
+        hidden = self._hidden(
+            ready.params,
+            input_ids,
+            attention_mask,
+            position_ids,
+            ready.untouched_layers,
+            ready.prompt,
+        )
+        return self._head(ready.params, hidden)
 
     def hidden_states(
         self,
@@ -261,14 +267,19 @@ class LlamaForCausalLM:
     ) -> jax.Array:
         """`input_ids` [B, S] int -> the final-norm hidden states [B, S, D] ([B, T + S, D] with
         T virtual tokens)."""
-        frozen = untouched_layers(params, adapter)
-        prompt = prompt_of(adapter, dropout_key)
-        params = _inject(params, adapter, dropout_key)
-        return self._hidden(params, input_ids, attention_mask, position_ids, frozen, prompt)
+        ready = prepare(params, adapter, dropout_key)
+        return self._hidden(
+            ready.params,
+            input_ids,
+            attention_mask,
+            position_ids,
+            ready.untouched_layers,
+            ready.prompt,
+        )
 
     def logits(self, params: Params, h: jax.Array, adapter: Any = None) -> jax.Array:
         """The LM head alone: `h` [..., D] -> logits [..., V]."""
-        return self._head(_inject(params, adapter, None), h)
+        return self._head(prepare(params, adapter).params, h)
 
     def generate(
         self,
@@ -290,10 +301,9 @@ class LlamaForCausalLM:
             return input_ids
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        prompt = prompt_of(adapter, None)
-        params = _inject(params, adapter, None)
+        ready = prepare(params, adapter)
         return _generate(
-            self, params, prompt, input_ids, jnp.asarray(attention_mask), max_new_tokens
+            self, ready.params, ready.prompt, input_ids, jnp.asarray(attention_mask), max_new_tokens
         )
 
     def _hidden(
@@ -484,11 +494,6 @@ class LlamaForCausalLM:
 def _linear(p: Params, x: jax.Array) -> jax.Array:
     """`ops.linear` with the module dict `p` = {"weight": w, optional "bias": b}."""
     return ops.linear(x, p["weight"], p.get("bias"))
-
-
-def _inject(params: Params, adapter: Any, dropout_key: jax.Array | None) -> Params:
-    """Params with the adapter's weights swapped in (`jpeft.adapter.inject`), or `params` as is."""
-    return params if adapter is None else inject(params, adapter, dropout_key=dropout_key)
 
 
 def is_shape(x: Any) -> bool:

@@ -6,10 +6,9 @@ adapter = jpeft.sharding.shard(adapter, mesh, like=params)  # specs derived from
 batch = jpeft.sharding.shard_batch(batch, mesh)
 """
 
-from jpeft.sharding.activations import constrain_batch, traced_on
+from jpeft.activations import constrain_batch, traced_on
 from jpeft.sharding.adapter_specs import adapter_specs
 from jpeft.sharding.distributed import initialize
-from jpeft.sharding.memory import MemoryEstimate, compiled_step_memory, estimate_memory
 from jpeft.sharding.mesh import AXES, BATCH_AXES, batch_size_multiple, make_mesh, parse_mesh
 from jpeft.sharding.placement import (
     StepShardings,
@@ -31,13 +30,10 @@ __all__ = [
     "AXES",
     "BATCH_AXES",
     "LLAMA_RULES",
-    "MemoryEstimate",
     "adapter_specs",
     "batch_sharding",
     "batch_size_multiple",
-    "compiled_step_memory",
     "constrain_batch",
-    "estimate_memory",
     "gather",
     "init_optimizer",
     "initialize",

@@ -2,8 +2,8 @@
 
 Copying a base weight's spec onto a factor of another shape is wrong (LoRA's A [r, in] is not
 W [out, in]); each method declares, per piece, which base axis each of its axes runs along
-(`Method.piece_axes`), and that axis's mesh axes split it. So LoRA A [r, in] takes W's input-dim
-spec, B [out, r] W's output-dim spec, r replicated; IA3 vectors follow their dimension;
+(`Method.piece_axes`), and that axis's mesh axes split it. So LoRA A [r, in] takes W's
+input-dim spec, B [out, r] W's output-dim spec, r replicated; IA3 vectors follow their dimension;
 overrides (`modules_to_save` copies, trainable biases) take their base leaf's spec; prompt
 encoders and anything undeclared are replicated.
 """
@@ -17,7 +17,8 @@ import jax
 from jax.sharding import Mesh, PartitionSpec
 
 from jpeft import tree as jtree
-from jpeft.adapter import Adapter, method_for
+from jpeft.adapter import Adapter
+from jpeft.method import method_for
 from jpeft.sharding.rules import LLAMA_RULES, Rules, fit_dims, logical_specs
 
 

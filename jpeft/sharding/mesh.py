@@ -16,9 +16,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from jpeft.activations import BATCH_AXES  # ("data", "fsdp"): FSDP is data parallelism too
+
 AXES = ("data", "fsdp", "model")
-# The batch is split over both data axes: FSDP is data parallelism whose params are split too.
-BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(

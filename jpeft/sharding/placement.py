@@ -17,6 +17,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpeft.adapter import Adapter, is_trainable, partition
+from jpeft.method import optimizer_for
 from jpeft.quant.formats import QuantizedTensor
 from jpeft.sharding.adapter_specs import adapter_specs
 from jpeft.sharding.mesh import BATCH_AXES, batch_size_multiple
@@ -135,8 +136,9 @@ def gather(tree: Any) -> Any:
 def optimizer_shardings(
     optimizer: optax.GradientTransformation, trainable: Any, trainable_shardings: Any
 ) -> Any:
-    """The sharding of each leaf of `optimizer.init(trainable)`: moments like their param,
-    everything else (step counts) replicated."""
+    """The sharding of each leaf of the adapter's optimizer state (`jpeft.train.init_opt_state`):
+    moments like their param, everything else (step counts) replicated."""
+    optimizer = optimizer_for(optimizer, trainable)
     abstract = jax.eval_shape(optimizer.init, trainable)
     mesh = jax.tree.leaves(trainable_shardings)[0].mesh
     return optax.tree_map_params(
@@ -150,11 +152,12 @@ def optimizer_shardings(
 
 
 def init_optimizer(optimizer: optax.GradientTransformation, trainable: Any) -> Any:
-    """`optimizer.init(trainable)` with each moment sharded like its (placed) param."""
+    """`jpeft.train.init_opt_state(optimizer, trainable)` with each moment sharded like its
+    (placed) param."""
     target = optimizer_shardings(
         optimizer, trainable, jax.tree.map(lambda x: x.sharding, trainable)
     )
-    return jax.jit(optimizer.init, out_shardings=target)(trainable)
+    return jax.jit(optimizer_for(optimizer, trainable).init, out_shardings=target)(trainable)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Per-device memory of a sharded fine-tuning step, estimated before any device is touched.
+"""Per-device memory of a sharded fine-tuning step: estimated before any device is touched
+(`estimate_memory`), or exactly, by compiling the step from abstract inputs
+(`compiled_step_memory`).
 
 Weights, adapter and optimizer state are counted exactly: the param and adapter trees are built
 abstractly (`jax.eval_shape`), placed by the same partition rules `shard` uses, and each leaf's
@@ -17,13 +19,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import AbstractMesh, AxisType, Mesh
 
-from jpeft.adapter import init_adapter
+from jpeft.adapter import is_trainable, partition
 from jpeft.config import PeftConfig
+from jpeft.injection import init_adapter
+from jpeft.methods.lora import LoraConfig
+from jpeft.models.llama import LlamaForCausalLM
+from jpeft.quant.params import QuantConfig, quantize_params
 from jpeft.sharding.adapter_specs import adapter_specs
 from jpeft.sharding.mesh import AXES, BATCH_AXES
+from jpeft.sharding.placement import step_shardings
 from jpeft.sharding.rules import LLAMA_RULES, Rules, axes_size, axis_names, param_specs
+from jpeft.train import init_opt_state, make_train_step
 
 REMAT_POLICIES = (None, "dots", "full")
 ADAM_MOMENTS = 2
@@ -105,15 +114,10 @@ def compiled_step_memory(
     the backend it runs on, with nothing allocated. Run it on the target (a TPU VM) to check a
     plan before loading a model; arguments as in `estimate_memory`.
     """
-    import optax
-
-    from jpeft.adapter import is_trainable, partition
-    from jpeft.sharding.placement import step_shardings
-    from jpeft.train import make_train_step
-
     model, params, adapter = _abstract_state(config, adapter_config, dtype, quantize)
     optimizer = optax.adamw(1e-4)
-    opt_state = jax.eval_shape(optimizer.init, partition(adapter, is_trainable)[0])
+    trainable = partition(adapter, is_trainable)[0]
+    opt_state = jax.eval_shape(lambda t: init_opt_state(optimizer, t), trainable)
     s = step_shardings(mesh, params, adapter, optimizer, rules)
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=s.batch)
     step = make_train_step(model, optimizer, shardings=s, remat=remat)
@@ -129,10 +133,6 @@ def compiled_step_memory(
 
 def _abstract_state(config, adapter_config, dtype: str, quantize: str | None):
     """(model, params, adapter) of `config` as ShapeDtypeStructs: nothing is allocated."""
-    from jpeft.methods.lora import LoraConfig
-    from jpeft.models.llama import LlamaForCausalLM
-    from jpeft.quant.params import QuantConfig, quantize_params
-
     adapter_config = adapter_config or LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
     model = LlamaForCausalLM(config)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from jpeft.models.gguf_loading import is_gguf_path, metadata, open_gguf
+from jpeft.gguf_file import is_gguf_path, metadata, open_reader
 
 SPECIAL_TOKEN_IDS = {
     "bos_token": "bos_token_id",
@@ -53,7 +53,7 @@ def gguf_tokenizer(file: Path) -> Any:
         convert_gguf_tokenizer,
     )
 
-    reader = open_gguf(file)
+    reader = open_reader(file)
     source = str(file)
     fields = {
         group: {

@@ -1,5 +1,7 @@
 """Sharding constraints the model puts on its activations when it runs on a mesh.
 
+The model imports this module alone, not the `jpeft.sharding` package.
+
 XLA propagates shardings from the inputs, but with FSDP-split weights it may choose to split the
 hidden dimension instead of the batch (and run every row on every device). The model pins its
 hidden states to the batch split at each layer boundary, only while it is traced under a mesh
@@ -15,7 +17,8 @@ from collections.abc import Callable
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
-from jpeft.sharding.mesh import BATCH_AXES
+# The mesh axes a batch is split over (`jpeft.sharding.make_mesh` builds meshes with them).
+BATCH_AXES = ("data", "fsdp")
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:

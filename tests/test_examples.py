@@ -1,0 +1,27 @@
+"""The examples run as a user runs them, and do what they say."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def test_a_method_registered_from_outside_trains_saves_and_merges():
+    """examples/custom_method.py registers SSF from outside the package: the registry then
+    drives init, the train step, save/load and merge."""
+    run = subprocess.run(
+        [sys.executable, str(EXAMPLES / "custom_method.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert "'ssf'" in run.stdout, run.stdout
+    losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", run.stdout)]
+    assert losses[-1] < losses[0] - 0.2, losses
+    difference = float(re.search(r"max \|merged - adapted\| logit (\S+)", run.stdout).group(1))
+    assert difference < 1e-4
