@@ -170,6 +170,7 @@ def _stack_layers(per_module: Mapping[str, Pieces], layer_names, num_layers) -> 
     present = [per_module[name] for name in layer_names.values() if name in per_module]
     if not present:
         return {}
+    _check_same_pieces(per_module, layer_names)
     stacked = {}
     for piece in present[0]:
         shapes = [np.shape(p[piece]) for p in present]
@@ -186,6 +187,22 @@ def _stack_layers(per_module: Mapping[str, Pieces], layer_names, num_layers) -> 
             rows.append(jnp.pad(value, pad) if any(p[1] for p in pad) else value)
         stacked[piece] = jnp.stack(rows)
     return stacked
+
+
+def _check_same_pieces(per_module: Mapping[str, Pieces], layer_names) -> None:
+    """ValueError naming the layers when one stacked module has different piece names in
+    different layers (LoKr with a full factor in some layers and a factored one in others)."""
+    kinds: dict[tuple[str, ...], list[str]] = {}
+    for name in layer_names.values():
+        if name in per_module:
+            kinds.setdefault(tuple(sorted(per_module[name])), []).append(name)
+    if len(kinds) > 1:
+        shown = "; ".join(f"{list(pieces)} in {names}" for pieces, names in kinds.items())
+        raise ValueError(
+            f"the layers of one stacked module hold different adapter pieces ({shown}); jpeft "
+            "runs a module's stacked layers as one op, so every layer needs the same pieces "
+            "(for LoKr, choose r and rank_pattern so the factors are full or factored alike)"
+        )
 
 
 def _stack_constants(method, config, weights, layer_names, num_layers) -> dict[str, Array]:

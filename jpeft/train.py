@@ -141,6 +141,12 @@ def init_opt_state(optimizer: optax.GradientTransformation, trainable: Adapter) 
     return optimizer_for(optimizer, trainable).init(trainable)
 
 
+def finish(adapter: Adapter, opt_state: Any) -> Adapter:
+    """The adapter to save after training with `opt_state`: the method's `finish_training`
+    (AdaLoRA: its pruned ranks as the config's `rank_pattern`), the adapter itself for most."""
+    return method_for(adapter.config).finish_training(adapter, opt_state)
+
+
 def make_train_step(
     model: Any,
     optimizer: optax.GradientTransformation,

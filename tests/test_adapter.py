@@ -208,3 +208,14 @@ def scan_iterations(fn, adapter) -> int:
     """Total trip count of the scans in the gradient's jaxpr."""
     jaxpr = jax.make_jaxpr(jax.grad(fn))(adapter).jaxpr
     return sum(eqn.params["length"] for eqn in jaxpr.eqns if eqn.primitive.name == "scan")
+
+
+def test_layers_of_a_stacked_module_with_different_pieces_are_refused(tiny):
+    model, params, ids = tiny
+    config = jpeft.LoraConfig(r=4, target_modules=["q_proj"])
+    adapter = jpeft.init_adapter(params, config, key=jax.random.key(0))
+    weights = dict(adapter.weights)
+    name = "model.layers.1.self_attn.q_proj"
+    weights[name] = {**weights[name], "lora_magnitude_vector": jnp.ones(32)}
+    with pytest.raises(ValueError, match=r"different adapter pieces .*layers\.1\.self_attn"):
+        jpeft.inject(params, adapter.replace(weights=weights))

@@ -28,8 +28,8 @@ import jpeft.sharding
 from jpeft import tree as jtree
 from jpeft.checkpoint import TrainCheckpointer
 from jpeft.finetune import data as jdata
-from jpeft.method import JobOptionError, JobSpec, method_for, method_named, registered
-from jpeft.train import answer_objective, init_opt_state, make_train_step
+from jpeft.method import JobOptionError, JobSpec, method_named, registered
+from jpeft.train import answer_objective, finish, init_opt_state, make_train_step
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -289,8 +289,7 @@ def train(model, params, adapter, train_set: jdata.Encoded, config: FinetuneConf
             checkpointer.save(i + 1, trainable, opt_state, history, force=i + 1 == config.steps)
     if checkpointer is not None:
         checkpointer.close()
-    finished = method_for(adapter.config).finish_training(adapter, opt_state)
-    return finished, {
+    return finish(adapter, opt_state), {
         "loss": history["loss"],
         "step_seconds": history["step_seconds"],
         "train_seconds": history["seconds"],

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from jpeft.adapter import Adapter
 from jpeft.method import register
-from jpeft.methods.loha import (
+from jpeft.methods.lycoris import (
     LycorisConfig,
     LycorisMethod,
     LycorisNode,

@@ -86,6 +86,11 @@ class LoraConfig(LowRankConfig):
 
     def validate(self) -> None:
         super().validate()
+        # LoRA's (and AdaLoRA's) checks; PEFT's LyCORIS configs accept both and ignore the layers
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(
                 f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"

@@ -60,10 +60,6 @@ class LowRankConfig(PeftConfig):
             value = getattr(self, field)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name}.{field} must be in [0, 1), got {value!r}")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` needs `layers_to_transform` as well.")
 
@@ -113,9 +109,14 @@ class LowRankMethod(WeightMethod):
     # -----------------------------------------------------------------------------------------
 
     def init_adapter(self, params, config: LowRankConfig, key, model=None) -> Adapter:
-        """Targets by PEFT's rules; pieces from `init_module`, one key per module."""
+        """Targets by PEFT's rules; pieces from `init_module`, one key per module. With
+        `target_modules` None the architecture's defaults are written into the config, as PEFT
+        saves the resolved names in adapter_config.json."""
         if getattr(config, "fan_in_fan_out", False):
             common.warn_fan_in_fan_out(config)
+        defaults = self.default_targets.get(common.model_type_of(model))
+        if config.target_modules is None and defaults is not None:
+            config = config.replace(target_modules=tuple(defaults))
         targets = targeting.resolve_targets(
             params, config, common.model_type_of(model), defaults=self.default_targets
         )
