@@ -3,8 +3,8 @@
 Each method's config comes from its registry entry (`Method.job_config`, as `jpeft finetune`
 builds it) on a tiny Llama with a word-level tokenizer. Weight methods: a fresh adapter keeps the
 logits; apply equals merge and unmerge restores the weights; save/load keeps the logits and
-writes the method's peft_type; a train step changes the trainable leaves only and compiles once;
-the sharded train step on a (2, 2, 2) mesh gives the single-device losses; the CLI job runs.
+writes the method's peft_type; a train step changes the trainable leaves only, compiles once, and
+gives the same losses on a (2, 2, 2) mesh; the CLI job runs.
 Compatibility with PEFT itself is tested per method in tests/parity/.
 """
 
@@ -133,31 +133,9 @@ def test_save_load_keeps_the_logits(base, name, tmp_path):
     np.testing.assert_allclose(logits(base, loaded), logits(base, adapter), atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_train_step_changes_only_trainable_leaves(base, name):
-    _, model, params, ids = base
-    adapter = fresh(base, name)
-    params_before = jax.tree.map(np.array, params)
-    frozen_before = jax.tree.map(np.array, jpeft.partition(adapter)[1])
-    trainable_before = jax.tree.map(np.array, jpeft.partition(adapter)[0])
-    optimizer = optax.adam(1e-2)
-    opt_state = jpeft.train.init_opt_state(optimizer, jpeft.partition(adapter)[0])
-    step = jpeft.train.make_train_step(model, optimizer)
-    batch = {"input_ids": ids, "labels": ids}
-    for i in range(2):
-        adapter, opt_state, loss = step(params, adapter, opt_state, batch, jax.random.key(i))
-        assert np.isfinite(float(loss))
-    assert step._cache_size() == 1
-    jax.tree.map(np.testing.assert_array_equal, params, params_before)
-    jax.tree.map(np.testing.assert_array_equal, jpeft.partition(adapter)[1], frozen_before)
-    moved = jax.tree.map(
-        lambda a, b: bool(np.any(np.asarray(a) != b)), jpeft.partition(adapter)[0], trainable_before
-    )
-    assert any(jax.tree.leaves(moved)), "no trainable leaf moved"
-
-
-def train_losses(base, adapter, mesh=None, steps: int = 2) -> list[float]:
-    """Losses of `steps` Adam steps of the library's train step, on `mesh` or one device."""
+def train(base, adapter, mesh=None, steps: int = 2) -> tuple[list[float], jpeft.Adapter, object]:
+    """(losses, adapter, step) after `steps` Adam steps of the library's train step, on `mesh`
+    or one device."""
     _, model, params, ids = base
     adapter = jax.tree.map(jnp.copy, adapter)  # the step donates its adapter
     optimizer = optax.adam(1e-2)
@@ -176,17 +154,30 @@ def train_losses(base, adapter, mesh=None, steps: int = 2) -> list[float]:
     for _ in range(steps):
         adapter, opt_state, loss = step(params, adapter, opt_state, batch, None)
         losses.append(float(loss))
-    return losses
+    return losses, adapter, step
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_sharded_train_step_gives_the_single_device_losses(base, name):
-    """On a (data, fsdp, model) = (2, 2, 2) mesh: params, adapter and optimizer state (the
-    method's own training state included) placed by the rules, the step compiled with them."""
+def test_train_step_moves_only_the_adapter_and_shards(base, name):
+    """One device: the step compiles once, moves trainable leaves only, keeps params and frozen
+    state. On a (data, fsdp, model) = (2, 2, 2) mesh (params, adapter and optimizer state, the
+    method's own training state included, placed by the rules): the same losses."""
+    _, _, params, _ = base
     adapter = perturbed(fresh(base, name))
+    params_before = jax.tree.map(np.array, params)
+    single, trained, step = train(base, adapter)
+    assert all(np.isfinite(single)) and step._cache_size() == 1
+    jax.tree.map(np.testing.assert_array_equal, params, params_before)
+    (before, frozen_before), (after, frozen_after) = (
+        jpeft.partition(adapter),
+        jpeft.partition(trained),
+    )
+    jax.tree.map(np.testing.assert_array_equal, frozen_after, frozen_before)
+    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), after, before)
+    assert any(jax.tree.leaves(moved)), "no trainable leaf moved"
+
     mesh = jpeft.sharding.make_mesh(data=2, fsdp=2, model=2)
-    single = train_losses(base, adapter)
-    np.testing.assert_allclose(train_losses(base, adapter, mesh), single, rtol=1e-4)
+    np.testing.assert_allclose(train(base, adapter, mesh)[0], single, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", METHODS)
