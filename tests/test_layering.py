@@ -7,7 +7,7 @@ another package runs that package's `__init__` too, so that counts as an import 
     -> ops -> adapter, method -> injection -> methods, peft_format -> sharding -> models
     -> train, checkpoint -> memory -> the `jpeft` facade, finetune -> cli
 
-Imports under `if TYPE_CHECKING:` are for annotations only and are not counted.
+Imports under `if TYPE_CHECKING:` count too: a cycle for annotations is still a cycle.
 """
 
 from __future__ import annotations
@@ -59,18 +59,12 @@ def layer_of(module: str) -> int:
     return best
 
 
-def is_type_checking_block(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-
-
 def imported_modules(path: Path, modules: set[str]) -> set[str]:
-    """The jpeft modules `path` imports anywhere (functions included), TYPE_CHECKING excluded."""
+    """The jpeft modules `path` imports anywhere (functions and TYPE_CHECKING blocks included)."""
     package = module_name(path) if path.name == "__init__.py" else module_name(path.parent)
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if is_type_checking_block(node):
-            return
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -9,7 +9,7 @@ matmul, and the residual W is its packed codes and scales.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +17,9 @@ from jax import lax
 
 from jpeft.ops import as_array, dense, dense_transposed
 
-if TYPE_CHECKING:
-    from jpeft.methods.lora import LoraEmbedding, LoraWeight
+# `w` below is a `jpeft.methods.lora.LoraWeight` / `LoraEmbedding` node (not imported here:
+# lora.py imports this module).
+LoraWeight = LoraEmbedding = Any
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
