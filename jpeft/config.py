@@ -3,14 +3,23 @@
 A config is the static part of an `Adapter` pytree, so it must be hashable: lists become tuples and
 dicts become `FrozenMap`s when a config is built, and `to_dict` turns them back into the JSON PEFT
 writes (`json.dumps(asdict(cfg), indent=2, sort_keys=True)`).
+
+Every field's value is checked against its annotation when a config is built (from Python or from
+adapter_config.json), with JSON's types as PEFT reads them: `bool` is true/false only (never an
+int), `int` an integer (not a bool, not 8.0: PEFT builds layers of that size and fails on a
+float), `float` any finite number, `Sequence[X]` a list, `Mapping[K, V]` a dict.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
+
+from jpeft.json_types import arms, describe, fits, kind
 
 PEFT_VERSION_WRITTEN = "0.21.2"
 
@@ -70,11 +79,12 @@ class PeftConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
-    auto_mapping: Any = None
+    auto_mapping: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             object.__setattr__(self, field.name, _freeze(getattr(self, field.name)))
+        check_field_types(self)
         self.validate()
 
     def validate(self) -> None:
@@ -113,4 +123,53 @@ class PeftConfig:
                 f"{source}: ignoring keys unknown to jpeft's {cls.__name__}: {sorted(unknown)}",
                 stacklevel=2,
             )
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# field types
+
+
+def check_field_types(config: PeftConfig) -> None:
+    """ValueError naming the field, its value and the type its annotation asks for, for the first
+    field whose (frozen) value does not fit it."""
+    name = type(config).__name__
+    for field, annotation in _field_annotations(type(config)).items():
+        value = getattr(config, field)
+        if not fits(value, annotation):
+            raise ValueError(
+                f"{name}.{field} must be {describe(annotation)}, got {_shown(value)} "
+                f"({kind(value)}{_hint(field, value, annotation)})"
+            )
+
+
+@functools.cache
+def _field_annotations(cls: type) -> dict[str, Any]:
+    """{field name: its resolved annotation} of a config dataclass."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError as err:
+        raise TypeError(
+            f"{cls.__name__}'s field annotations must name types importable at runtime (jpeft "
+            f"checks every field against its annotation): {err}"
+        ) from None
+    return {field.name: hints[field.name] for field in dataclasses.fields(cls)}
+
+
+def _hint(field: str, value: Any, annotation: Any) -> str:
+    """What to write instead, where it is clear."""
+    wants_int = int in arms(annotation)
+    if wants_int and isinstance(value, float) and value.is_integer():
+        return f"; PEFT fails on a float here: write {field}={int(value)}"
+    if wants_int and isinstance(value, bool):
+        return "; true/false is not a number in a PEFT config"
+    return ""
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """`value` as JSON users wrote it (lists, dicts), cut to `limit` characters."""
+    text = repr(_thaw(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
@@ -167,6 +167,13 @@ class WeightMethod(Method):
         """ValueError naming the module and both shapes when `pieces` do not fit a base weight of
         `base_shape` ([out, in] for a linear layer, [vocab, dim] for an embedding)."""
 
+    def check_file_pieces(
+        self, config: PeftConfig, module: str, pieces: Mapping[str, np.ndarray], source: str
+    ) -> None:
+        """ValueError naming `source`, the module and the piece when the pieces an adapter file
+        holds for `module` do not fit `config` (missing or extra pieces, ranks other than the
+        config's), before any model is seen; `check_shapes` checks them against the model."""
+
     def to_file(self, adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """`base_model.model.<module>.<piece>` per piece; overrides under their own names
         (trainable biases of targeted modules as `<module>.base_layer.bias`, as PEFT)."""
@@ -181,18 +188,53 @@ class WeightMethod(Method):
     def from_file(
         self, config: PeftConfig, tensors: Mapping[str, np.ndarray], params: Any, source: str
     ) -> Adapter:
-        """Keys ending in one of `piece_names` are pieces of the module before it; the rest are
-        overrides (a targeted embedding's `base_layer.weight` copy is the base's own: skipped)."""
-        weights: dict[str, Pieces] = {}
-        overrides: dict[str, Array] = {}
-        for key, value in tensors.items():
-            name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        """Keys ending in one of `piece_names` are pieces of the module before it, checked against
+        the config (`check_file_pieces`); the other keys are copies of model parameters
+        (`parameter_copy`), except a targeted embedding's `base_layer.weight`, the base's own
+        table (skipped)."""
+        pieces: dict[str, dict[str, np.ndarray]] = {}
+        others = []
+        for key in tensors:
+            name = key.removeprefix(PREFIX)
             piece = next((p for p in self.piece_names if name.endswith("." + p)), None)
             if piece is not None:
-                weights.setdefault(name[: -len(piece) - 1], {})[piece] = jnp.asarray(value)
+                pieces.setdefault(name[: -len(piece) - 1], {})[piece] = tensors[key]
             elif not name.endswith(".base_layer.weight"):
-                overrides[name.replace(".base_layer.", ".")] = jnp.asarray(value)
+                others.append(key)
+        for module, module_pieces in pieces.items():
+            self.check_file_pieces(config, module, module_pieces, source)
+        overrides = {}
+        for key in others:
+            parameter = parameter_copy(key.removeprefix(PREFIX), pieces.keys())
+            if parameter is None:
+                raise ValueError(
+                    f"{source}: unknown tensor {key!r} in a {self.peft_type} adapter file: it is "
+                    f"neither a piece ({', '.join(self.piece_names)}) of a module nor a copy of a "
+                    "model parameter (`<module>.weight` / `.bias` of a module the adapter does not "
+                    "adapt, or an adapted module's `base_layer.bias`); was the file written for "
+                    "another method, or a key renamed?"
+                )
+            overrides[parameter] = jnp.asarray(tensors[key])
+        weights = {
+            module: {piece: jnp.asarray(value) for piece, value in module_pieces.items()}
+            for module, module_pieces in pieces.items()
+        }
         return Adapter(config, weights, overrides)
+
+
+def parameter_copy(name: str, adapted: Collection[str]) -> str | None:
+    """The model parameter a non-piece tensor of a weight method's file replaces, as PEFT loads
+    it: `<module>.weight` / `<module>.bias` of a module outside the `adapted` ones (modules_to_save
+    copies, biases, resized embeddings), or `<module>.bias` for an adapted module's
+    `<module>.base_layer.bias` (a trained bias). None for anything else, which PEFT would not
+    load."""
+    module, _, leaf = name.rpartition(".")
+    if module.endswith(".base_layer"):
+        module = module.removesuffix(".base_layer")
+        return f"{module}.bias" if leaf == "bias" and module in adapted else None
+    parts = module.split(".")
+    inside = any(".".join(parts[:i]) in adapted for i in range(1, len(parts) + 1))
+    return name if leaf in ("weight", "bias") and not inside else None
 
 
 def override_tensors(adapter: Adapter) -> dict[str, Any]:
@@ -217,6 +259,12 @@ class PromptMethod(Method):
 
     is_prompt_learning: ClassVar[bool] = True
     SAVED_KEY: ClassVar[str] = "prompt_embeddings"
+    # The config fields `saved_shape` reads (named when a file's tensor does not fit them).
+    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "num_virtual_tokens",
+        "num_transformer_submodules",
+        "token_dim",
+    )
 
     @abstractmethod
     def prompt(self, adapter: Adapter, dropout_key: Array | None) -> Prompt:
@@ -231,16 +279,44 @@ class PromptMethod(Method):
         tensors.update(override_tensors(adapter))
         return adapter.config.to_dict(), tensors
 
+    def saved_shape(self, config: PeftConfig) -> tuple[int | None, int | None]:
+        """The shape PEFT saves `SAVED_KEY` in, None where the config leaves a size open:
+        [num_virtual_tokens * num_transformer_submodules, token_dim] (PEFT's prompt tokens
+        cover every transformer submodule)."""
+        rows = config.num_virtual_tokens * (config.num_transformer_submodules or 1)
+        return rows, config.token_dim
+
     def from_file(
         self, config: PeftConfig, tensors: Mapping[str, np.ndarray], params: Any, source: str
     ) -> Adapter:
+        """The one tensor PEFT saves, of the shape the config gives (`saved_shape`)."""
         if set(tensors) != {self.SAVED_KEY}:
             raise ValueError(
                 f"{source}: a {config.peft_type} adapter file holds one tensor, "
                 f"{self.SAVED_KEY!r}; found {sorted(tensors)}"
             )
+        got, want = np.shape(tensors[self.SAVED_KEY]), self.saved_shape(config)
+        if not shape_fits(got, want):
+            fields = ", ".join(f"{f}={getattr(config, f)!r}" for f in self.SHAPE_FIELDS)
+            raise ValueError(
+                f"{source}: {self.SAVED_KEY} has shape {got}, but adapter_config.json's {fields} "
+                f"give shape {shown_shape(want)}; was the file written with another "
+                "adapter_config.json?"
+            )
         embedding = {"embedding.weight": jnp.asarray(tensors[self.SAVED_KEY])}
         return Adapter(config, {PROMPT_ENCODER: embedding})
+
+
+def shape_fits(got: tuple[int, ...], want: tuple[int | None, ...]) -> bool:
+    """Whether shape `got` is `want`, None in `want` standing for any size."""
+    return len(got) == len(want) and all(
+        w is None or w == g for w, g in zip(want, got, strict=True)
+    )
+
+
+def shown_shape(want: tuple[int | None, ...], open_size: str = "any") -> str:
+    """`want` for messages, `open_size` where it is None: (4, 'any')."""
+    return str(tuple(open_size if w is None else w for w in want))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,10 +373,12 @@ def method_named(name: str) -> Method:
 
 def config_from_dict(data: Mapping[str, Any], source: str = "config") -> PeftConfig:
     """PEFT's adapter_config.json contents as the registered method's config."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{source}: holds a {type(data).__name__}, not a JSON object")
     if "peft_type" not in data:
         raise ValueError(f"{source}: no 'peft_type' key; is this a PEFT adapter_config.json?")
     peft_type = data["peft_type"]
-    if peft_type not in _BY_TYPE:
+    if not isinstance(peft_type, str) or peft_type not in _BY_TYPE:
         raise ValueError(
             f"{source}: unknown peft_type {peft_type!r}; jpeft reads {sorted(_BY_TYPE)}"
         )

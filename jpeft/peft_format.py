@@ -6,19 +6,27 @@ AdaLoRA its pruned triplets and `rank_pattern`); this module reads and writes th
 the JSON as PEFT writes it (`inference_mode` true, sorted keys), safetensors with PEFT's
 `{"format": "pt"}` metadata, contiguous numpy arrays. Only safetensors and JSON are read;
 nothing is ever unpickled.
+
+Loading checks the two files against each other before anything runs: the config's field types
+(`jpeft.config`), every tensor floating point and finite (here), and each method's pieces and
+ranks against the config (`Method.from_file`). Saving writes both files under temporary names
+in the directory and renames them into place, the weights first and the config last, with the
+permissions of any file the user creates (the umask applies).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from jpeft.adapter import Adapter
 from jpeft.method import config_from_dict, method_for
@@ -28,14 +36,43 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def save_pretrained(adapter: Adapter, save_directory: str | os.PathLike) -> None:
-    """Write `adapter` in PEFT's layout, loadable by `PeftModel.from_pretrained`."""
+    """Write `adapter` in PEFT's layout, loadable by `PeftModel.from_pretrained`.
+
+    Both files are written in full under temporary names first, then renamed over the old ones
+    (the config last), so an interrupted save leaves the directory's previous files in place.
+    """
     os.makedirs(save_directory, exist_ok=True)
     data, tensors = method_for(adapter.config).to_file(adapter)
     arrays = {key: _to_numpy(value) for key, value in tensors.items()}
-    save_file(arrays, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
     data["inference_mode"] = True
-    with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+    contents = {
+        WEIGHTS_NAME: save(arrays, metadata={"format": "pt"}),
+        CONFIG_NAME: json.dumps(data, indent=2, sort_keys=True).encode(),
+    }
+    temporary = {}
+    try:
+        for name, content in contents.items():
+            temporary[name] = _write_new_file(save_directory, name, content)
+        for name, path in temporary.items():
+            os.replace(path, os.path.join(save_directory, name))
+    finally:
+        for path in temporary.values():
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def _write_new_file(directory: str | os.PathLike, name: str, content: bytes) -> str:
+    """A new hidden file in `directory` holding `content`, flushed to disk: its path.
+
+    Created with mode 0o666, which the process's umask narrows, as for any file the user
+    creates (safetensors' own writer makes 0o600 files)."""
+    path = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
 
 
 def _to_numpy(value: jax.Array) -> np.ndarray:
@@ -62,7 +99,30 @@ def load_pretrained(
         raise ValueError(f"{config_path} is not valid JSON: {err}") from None
     config = config_from_dict(data, source=config_path)
     tensors = _read_tensors(directory)
+    check_tensor_values(tensors, os.path.join(directory, WEIGHTS_NAME))
     return method_for(config).from_file(config, tensors, params, str(directory))
+
+
+def check_tensor_values(tensors: Mapping[str, np.ndarray], source: str) -> None:
+    """ValueError naming the tensor unless every tensor is floating point and finite, and there
+    is at least one. PEFT saves every piece of jpeft's methods (and modules_to_save copies) as
+    floats; an int or bool tensor is a damaged or foreign file, and a NaN or inf would run
+    through every forward pass."""
+    if not tensors:
+        raise ValueError(f"{source} holds no tensors; is the adapter file complete?")
+    for key, value in tensors.items():
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise ValueError(
+                f"{source}: tensor {key!r} has dtype {value.dtype}, but adapter tensors are "
+                "floating point (float32, float16, bfloat16); the file is damaged or not a PEFT "
+                "adapter"
+            )
+        bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+        if bad:
+            raise ValueError(
+                f"{source}: tensor {key!r} holds {bad} NaN or inf value(s) of {np.size(value)}; "
+                "the adapter diverged in training or the file is damaged"
+            )
 
 
 def _read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -78,7 +138,9 @@ def _read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"{path} not found{hint}")
     try:
         return load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
+    # AttributeError: a dtype numpy lacks (safetensors reads float8 as `np.float8_e4m3fn`)
+    except (SafetensorError, OSError, ValueError, AttributeError) as err:
         raise ValueError(
-            f"{path} is not a readable safetensors file ({err}); is it truncated?"
+            f"{path} is not a readable safetensors file ({err!r}); is it truncated, or of a "
+            "dtype numpy cannot hold (float8)?"
         ) from None

@@ -41,7 +41,7 @@ def tiny():
 
 @pytest.mark.parametrize("tokens", [0, -1, None, 2.5])
 def test_num_virtual_tokens_must_be_positive(tokens):
-    with pytest.raises(ValueError, match=r"PromptTuningConfig.num_virtual_tokens .*>= 1"):
+    with pytest.raises(ValueError, match=r"PromptTuningConfig.num_virtual_tokens must be an integ"):
         jpeft.PromptTuningConfig(num_virtual_tokens=tokens)
 
 

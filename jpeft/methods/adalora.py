@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -72,7 +72,7 @@ class AdaLoraConfig(LoraConfig):
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
     total_step: int | None = None
-    rank_pattern: Mapping[str, tuple[bool, ...]] | None = None
+    rank_pattern: Mapping[str, Sequence[bool]] | None = None
 
     def validate(self) -> None:
         """PEFT's AdaLoraConfig checks, and LoraConfig's except its int-valued `rank_pattern`."""
@@ -81,7 +81,7 @@ class AdaLoraConfig(LoraConfig):
             raise ValueError(f"{name}: AdaLoRA does not support DoRA; set use_dora=False")
         if self.loftq_config:
             raise ValueError(f"{name}: AdaLoRA does not support LoftQ; remove loftq_config")
-        if not isinstance(self.init_r, int) or self.init_r <= 0:
+        if self.init_r <= 0:
             raise ValueError(f"{name}.init_r must be a positive integer, got {self.init_r!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"{name}.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
@@ -106,13 +106,6 @@ class AdaLoraConfig(LoraConfig):
                 f"in total_step={self.total_step} steps (needs tinit < total_step - tfinal); "
                 "decrease tinit/tfinal or increase total_step"
             )
-        for key, mask in (self.rank_pattern or {}).items():
-            if not isinstance(mask, tuple) or not all(isinstance(b, bool) for b in mask):
-                raise ValueError(
-                    f"{name}.rank_pattern[{key!r}] must be a list of bools (the triplets kept), "
-                    f"got {mask!r}; AdaLoRA sets it when it allocates ranks (use init_r for the "
-                    "starting rank)"
-                )
         if self.r != LORA_DEFAULT_R:
             warnings.warn(
                 f"{name}.r={self.r} is not used by AdaLoRA; the starting rank is init_r="
@@ -137,6 +130,13 @@ class AdaLoraConfig(LoraConfig):
         """The rows `module` keeps in a file: its `rank_pattern` True count, else init_r."""
         mask = (self.rank_pattern or {}).get(f"{module}.{E_KEY}")
         return self.init_r if mask is None else sum(mask)
+
+    def rank_origin(self, module: str) -> str:
+        """Where the rank a file holds for `module` comes from, for messages."""
+        key = f"{module}.{E_KEY}"
+        if key not in (self.rank_pattern or {}):
+            return f"init_r={self.init_r}"
+        return f"rank_pattern[{key!r}] (keeping {self.kept_rank(module)} triplets)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +371,11 @@ class AdaLora(LowRankMethod):
         out_dim, in_dim = base_shape
         return {A_KEY: (ANY, in_dim), E_KEY: (ANY, 1), B_KEY: (out_dim, ANY)}
 
+    def file_shapes(self, config: AdaLoraConfig, module: str, pieces):
+        """The kept triplets: A [k, in], E [k, 1], B [out, k], k = `kept_rank`."""
+        rank = config.kept_rank(module)
+        return {A_KEY: (rank, ANY), E_KEY: (rank, 1), B_KEY: (ANY, rank)}
+
     def check_shapes(self, config, module: str, base_shape, pieces) -> None:
         super().check_shapes(config, module, base_shape, pieces)
         ranks = {
@@ -437,20 +442,6 @@ class AdaLora(LowRankMethod):
     def to_file(self, adapter: Adapter):
         """The kept triplets only (`prune`), as PEFT saves them."""
         return super().to_file(prune(adapter))
-
-    def from_file(self, config: AdaLoraConfig, tensors, params, source: str) -> Adapter:
-        """Each module at the rank its file holds: the True count of its rank_pattern entry, or
-        init_r without one (0 allowed)."""
-        adapter = super().from_file(config, tensors, params, source)
-        for module, pieces in adapter.weights.items():
-            rows, want = np.shape(pieces[A_KEY])[0], config.kept_rank(module)
-            if rows != want:
-                raise ValueError(
-                    f"{source}: {module}.lora_A has {rows} rows, but the config gives the module "
-                    f"rank {want} (rank_pattern's kept triplets, else init_r={config.init_r}); "
-                    "was the file written with another adapter_config.json?"
-                )
-        return adapter
 
     def job_fields(self, job: JobSpec) -> dict[str, Any]:
         """init_r = --r, pruned to an average of target_r = 2/3 of it (PEFT's defaults prune 12

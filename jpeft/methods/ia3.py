@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,11 +51,11 @@ DEFAULT_FEEDFORWARD = {model_type: ("down_proj",) for model_type in DEFAULT_TARG
 class IA3Config(PeftConfig):
     """PEFT's `IA3Config`: same field names, defaults and JSON."""
 
-    target_modules: Any = None
-    exclude_modules: Any = None
-    feedforward_modules: Any = None
+    target_modules: str | Sequence[str] | None = None
+    exclude_modules: str | Sequence[str] | None = None
+    feedforward_modules: str | Sequence[str] | None = None
     fan_in_fan_out: bool = False
-    modules_to_save: Any = None
+    modules_to_save: Sequence[str] | None = None
     init_ia3_weights: bool = True
 
     def validate(self) -> None:
@@ -79,6 +78,11 @@ def is_feedforward(feedforward_modules: str | Sequence[str], module_name: str) -
     if isinstance(feedforward_modules, str):
         return re.fullmatch(feedforward_modules, module_name) is not None
     return any(module_name.endswith(entry) for entry in feedforward_modules)
+
+
+def _shown_modules(modules: str | Sequence[str]) -> str | list[str]:
+    """A module-list field as the user wrote it: a regex, or a list (not the frozen tuple)."""
+    return modules if isinstance(modules, str) else list(modules)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,9 +222,7 @@ def _check_stacked_groups(
         if ref.layer is not None:
             by_kind = kinds.setdefault(ref.tree_path, {})
             by_kind.setdefault(feedforward[ref.name], []).append(ref.layer)
-    shown = (
-        list(feedforward_modules) if isinstance(feedforward_modules, tuple) else feedforward_modules
-    )
+    shown = _shown_modules(feedforward_modules)
     for tree_path, layers in kinds.items():
         if len(layers) > 1:
             raise ValueError(
@@ -269,6 +271,28 @@ class IA3(WeightMethod):
                 f"{module}.{L_KEY} has shape {got}, but the model's weight {module}.weight has "
                 f"shape {tuple(base_shape)}, which needs {L_KEY} of shape (1, {in_dim}) "
                 f"(feed-forward) or ({out_dim}, 1); was the adapter trained on another model?"
+            )
+
+    def check_file_pieces(self, config: IA3Config, module: str, pieces, source: str) -> None:
+        """A vector [1, in] (feed-forward) or [out, 1], on the side `feedforward_modules` says
+        when the config lists them (PEFT builds the vector from the config alone)."""
+        got = tuple(np.shape(pieces[L_KEY]))
+        if len(got) != 2 or 1 not in got:
+            raise ValueError(
+                f"{source}: {module}.{L_KEY} has shape {got}; an IA3 vector is [1, in] "
+                "(feed-forward) or [out, 1]"
+            )
+        if config.feedforward_modules is None or got == (1, 1):
+            return
+        feedforward = is_feedforward(config.feedforward_modules, module)
+        if feedforward != (got[0] == 1):
+            shown = _shown_modules(config.feedforward_modules)
+            side = "[1, in]" if feedforward else "[out, 1]"
+            raise ValueError(
+                f"{source}: {module}.{L_KEY} has shape {got}, but adapter_config.json's "
+                f"feedforward_modules={shown!r} make the module "
+                f"{'' if feedforward else 'not '}feed-forward, with a vector {side}; was the "
+                "file written with another adapter_config.json?"
             )
 
     def job_config(self, job: JobSpec) -> IA3Config:

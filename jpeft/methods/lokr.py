@@ -25,6 +25,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpeft.adapter import Adapter
 from jpeft.method import register
@@ -55,12 +56,6 @@ class LoKrConfig(LycorisConfig):
             raise ValueError(
                 f"LoKrConfig.init_weights must be True, False or 'lycoris', got "
                 f"{self.init_weights!r}"
-            )
-        factor = self.decompose_factor
-        if not isinstance(factor, int) or isinstance(factor, bool):
-            raise ValueError(
-                f"LoKrConfig.decompose_factor must be an integer (-1: near the square root), "
-                f"got {factor!r}"
             )
 
 
@@ -132,6 +127,20 @@ jax.tree_util.register_dataclass(
 )
 
 
+def factor_shape(module: str, pieces, full: str, a: str, b: str) -> tuple[int, int]:
+    """[o, i] of a Kronecker factor in a file: the shape of `full`, or of `a` [o, r] @ `b` [r, i];
+    ValueError naming the module when the pieces form neither."""
+    shapes = {piece: np.shape(pieces[piece]) for piece in (full, a, b) if piece in pieces}
+    if len(shapes.get(full, ())) == 2:
+        return shapes[full]
+    if len(shapes.get(a, ())) == 2 and len(shapes.get(b, ())) == 2:
+        return shapes[a][0], shapes[b][1]
+    raise ValueError(
+        f"{module}: a LoKr factor is {full} [o, i] or {a} [o, r] with {b} [r, i], but the file "
+        f"holds {shapes or 'none of them'}"
+    )
+
+
 def stacked_name(module: str) -> str:
     """The module a per-layer name runs in, jpeft stacking the layers under `layers`:
     `model.layers.3.mlp.up_proj` -> `model.layers.mlp.up_proj`."""
@@ -194,6 +203,15 @@ class LoKr(LycorisMethod):
         else:
             shapes[W2] = (o2, i2)
         return shapes
+
+    def file_shapes(self, config: LoKrConfig, module: str, pieces):
+        """`layout` for the base weight the factors span: [o1 * o2, i1 * i2] (a file does not
+        say the base's size, but LoKr's factors do)."""
+        (o1, i1), (o2, i2) = (
+            factor_shape(module, pieces, full, a, b)
+            for full, a, b in ((W1, W1_A, W1_B), (W2, W2_A, W2_B))
+        )
+        return self.layout(config, module, (o1 * o2, i1 * i2))
 
     def zero_pieces(self, config: LoKrConfig, shapes):
         if config.init_weights == "lycoris":

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jpeft import tree as jtree
 from jpeft.adapter import Adapter
 from jpeft.method import register
 from jpeft.methods.lora_ops import lora_embed, lora_linear
-from jpeft.methods.low_rank import ANY, LowRankConfig, LowRankMethod, kaiming_uniform
+from jpeft.methods.low_rank import LowRankConfig, LowRankMethod, kaiming_uniform
 from jpeft.ops import as_array, dense
 from jpeft.quant import QuantizedTensor
 
@@ -49,19 +48,19 @@ class LoraConfig(LowRankConfig):
     r: int = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0
-    target_modules: Any = None
-    exclude_modules: Any = None
+    target_modules: str | Sequence[str] | None = None
+    exclude_modules: str | Sequence[str] | None = None
     bias: str = "none"
     fan_in_fan_out: bool = False
     use_rslora: bool = False
     use_dora: bool = False
-    modules_to_save: Any = None
+    modules_to_save: Sequence[str] | None = None
     init_lora_weights: bool | str = True
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
-    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    megatron_core: str = "megatron.core"
+    layers_to_transform: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
+    rank_pattern: Mapping[str, int] | None = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] | None = dataclasses.field(default_factory=dict)
+    megatron_core: str | None = "megatron.core"
     loftq_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     qalora_group_size: int = 16
 
@@ -334,8 +333,8 @@ def to_saved(adapter: Adapter) -> Adapter:
         init_lora_weights=True,
         r=config.r * 2,
         lora_alpha=config.lora_alpha * alpha_factor,
-        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
-        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
+        rank_pattern={k: 2 * v for k, v in (config.rank_pattern or {}).items()},
+        alpha_pattern={k: 2 * v for k, v in (config.alpha_pattern or {}).items()},
     )
     return Adapter(config, weights, adapter.overrides)
 
@@ -354,6 +353,11 @@ def from_saved(adapter: Adapter, params, source: str) -> Adapter:
             "get a plain LoRA"
         )
     return adapter.replace(frozen=frozen_start(params, config, list(adapter.weights)))
+
+
+def is_embedding(pieces) -> bool:
+    """Whether a module's pieces are an embedding table's (lora_embedding_A/B)."""
+    return EMB_A_KEY in pieces or EMB_B_KEY in pieces
 
 
 @register
@@ -389,19 +393,33 @@ class Lora(LowRankMethod):
         return {"scaling": config.scaling_for(module)}
 
     def expected_shapes(self, config, module: str, base_shape, pieces):
+        """A [r, in], B [out, r], and the magnitude [out] with DoRA (or when the adapter has
+        one); on a table [vocab, dim], A [r, vocab] and B [dim, r]."""
         out_dim, in_dim = base_shape
-        if EMB_A_KEY in pieces:
-            return {EMB_A_KEY: (ANY, out_dim), EMB_B_KEY: (in_dim, ANY)}
-        return {A_KEY: (ANY, in_dim), B_KEY: (out_dim, ANY), MAG_KEY: (out_dim,)}
+        rank = config.rank_for(module)
+        if is_embedding(pieces):
+            return {EMB_A_KEY: (rank, out_dim), EMB_B_KEY: (in_dim, rank)}
+        shapes = {A_KEY: (rank, in_dim), B_KEY: (out_dim, rank)}
+        if config.use_dora or MAG_KEY in pieces:
+            shapes[MAG_KEY] = (out_dim,)
+        return shapes
 
-    def check_shapes(self, config, module: str, base_shape, pieces) -> None:
-        super().check_shapes(config, module, base_shape, pieces)
-        a, b = (EMB_A_KEY, EMB_B_KEY) if EMB_A_KEY in pieces else (A_KEY, B_KEY)
-        if a in pieces and b in pieces and np.shape(pieces[a])[0] != np.shape(pieces[b])[1]:
+    def check_file_pieces(self, config, module: str, pieces, source: str) -> None:
+        """`use_dora` against the magnitude vectors (PEFT builds them from the config alone),
+        then the pieces and ranks (see `LowRankMethod.check_file_pieces`)."""
+        if is_embedding(pieces) and MAG_KEY in pieces:
             raise ValueError(
-                f"{module}: {a} has rank {np.shape(pieces[a])[0]} but {b} has rank "
-                f"{np.shape(pieces[b])[1]}"
+                f"{source}: {module} is an embedding with a {MAG_KEY}: DoRA on embedding layers "
+                "is not supported by jpeft"
             )
+        if not is_embedding(pieces) and (MAG_KEY in pieces) != config.use_dora:
+            has = "has a" if MAG_KEY in pieces else "has no"
+            raise ValueError(
+                f"{source}: {module} {has} {MAG_KEY}, but adapter_config.json has "
+                f"use_dora={config.use_dora} (PEFT gives every linear module a magnitude with "
+                "use_dora=true and none without); the file and its config disagree"
+            )
+        super().check_file_pieces(config, module, pieces, source)
 
     def make_node(self, base, pieces, frozen, constants, active, dropout_key, config):
         scaling = constants.get("scaling", jnp.float32(0.0))

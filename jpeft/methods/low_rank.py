@@ -18,6 +18,7 @@ does the rest the same way for every member of the family:
 from __future__ import annotations
 
 import math
+import re
 from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -30,7 +31,14 @@ from jpeft import targeting
 from jpeft import tree as jtree
 from jpeft.adapter import Adapter
 from jpeft.config import PeftConfig
-from jpeft.method import JobOptionError, JobSpec, Pieces, WeightMethod
+from jpeft.method import (
+    JobOptionError,
+    JobSpec,
+    Pieces,
+    WeightMethod,
+    shape_fits,
+    shown_shape,
+)
 from jpeft.methods import common
 from jpeft.tree import ModuleRef
 
@@ -51,11 +59,13 @@ class LowRankConfig(PeftConfig):
 
     def validate(self) -> None:
         name = type(self).__name__
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+        if self.r <= 0:
             raise ValueError(f"{name}.r must be a positive integer, got r={self.r!r}")
         for key, rank in (self.rank_pattern or {}).items():
-            if not isinstance(rank, int) or rank <= 0:
+            if rank <= 0:
                 raise ValueError(f"{name}.rank_pattern[{key!r}] must be > 0, got {rank!r}")
+        for field in ("rank_pattern", "alpha_pattern"):
+            check_pattern_keys(name, field, getattr(self, field))
         for field in self.DROPOUT_FIELDS:
             value = getattr(self, field)
             if not 0.0 <= value < 1.0:
@@ -67,11 +77,30 @@ class LowRankConfig(PeftConfig):
         """`r`, or the first `rank_pattern` entry matching `module`."""
         return targeting.pattern_value(self.rank_pattern or {}, module, self.r)
 
+    def rank_origin(self, module: str) -> str:
+        """Where `module`'s rank comes from, for messages: "r=8" or "rank_pattern['q_proj']=4"."""
+        patterns = self.rank_pattern or {}
+        key = targeting.pattern_value({k: k for k in patterns}, module, None)
+        return f"r={self.r}" if key is None else f"rank_pattern[{key!r}]={patterns[key]}"
+
     def alpha_for(self, module: str) -> float:
         """The alpha field, or the first `alpha_pattern` entry matching `module`."""
         return targeting.pattern_value(
             self.alpha_pattern or {}, module, getattr(self, self.ALPHA_FIELD)
         )
+
+
+def check_pattern_keys(config_name: str, field: str, patterns: Mapping[str, Any] | None) -> None:
+    """ValueError naming the key when a `rank_pattern` / `alpha_pattern` key is not a regex (PEFT
+    matches them as `(.*\\.)?(key)$`)."""
+    for key in patterns or {}:
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise ValueError(
+                f"{config_name}.{field}[{key!r}] is not a valid regular expression ({err}); "
+                "keys are module names or regexes matched against the end of module names"
+            ) from None
 
 
 class LowRankMethod(WeightMethod):
@@ -161,15 +190,43 @@ class LowRankMethod(WeightMethod):
             if piece not in pieces:
                 continue
             got = tuple(np.shape(pieces[piece]))
-            fits = len(got) == len(want) and all(
-                w is ANY or w == g for w, g in zip(want, got, strict=True)
-            )
-            if not fits:
-                shown = tuple("r" if w is ANY else w for w in want)
+            if not shape_fits(got, want):
                 raise ValueError(
                     f"{module}.{piece} has shape {got}, but the model's weight {module}.weight "
-                    f"has shape {tuple(base_shape)}, which needs {piece} of shape {shown}; was "
-                    "the adapter trained on another model?"
+                    f"has shape {tuple(base_shape)}, which needs {piece} of shape "
+                    f"{shown_shape(want, 'r')} with {config.rank_origin(module)}; was the adapter "
+                    "trained on another model or saved with another config?"
+                )
+
+    def file_shapes(
+        self, config: LowRankConfig, module: str, pieces: Pieces
+    ) -> dict[str, tuple[int | None, ...]]:
+        """{piece: shape} a file holds for `module` by `config`: `expected_shapes` for a base
+        weight of sizes not known yet (`ANY`), so the ranks are what is checked."""
+        return self.expected_shapes(config, module, (ANY, ANY), pieces)
+
+    def check_file_pieces(self, config, module: str, pieces, source: str) -> None:
+        """The piece names and shapes `file_shapes` gives; ValueError naming the file, the module,
+        the pieces missing or unknown, or the piece, its shape and the config's rank."""
+        try:
+            want = self.file_shapes(config, module, pieces)
+        except ValueError as err:  # pieces too broken to tell the shapes (LoKr's factors)
+            raise ValueError(f"{source}: {err}") from None
+        missing, unknown = sorted(set(want) - set(pieces)), sorted(set(pieces) - set(want))
+        if missing or unknown:
+            raise ValueError(
+                f"{source}: {module} holds the pieces {sorted(pieces)}, but "
+                f"{type(config).__name__} ({config.rank_origin(module)}) gives it {sorted(want)}: "
+                f"missing {missing}, unknown {unknown}; is the file complete, and was it written "
+                "with this adapter_config.json?"
+            )
+        for piece, shape in want.items():
+            got = tuple(np.shape(pieces[piece]))
+            if not shape_fits(got, shape):
+                raise ValueError(
+                    f"{source}: {module}.{piece} has shape {got}, but adapter_config.json's "
+                    f"{config.rank_origin(module)} needs {piece} of shape "
+                    f"{shown_shape(shape)}; was the file written with another adapter_config.json?"
                 )
 
     def job_config(self, job: JobSpec) -> PeftConfig:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -40,14 +40,14 @@ class LycorisConfig(LowRankConfig):
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     use_effective_conv2d: bool = False
-    target_modules: Any = None
-    exclude_modules: Any = None
+    target_modules: str | Sequence[str] | None = None
+    exclude_modules: str | Sequence[str] | None = None
     init_weights: bool | str = True
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
-    modules_to_save: Any = None
-    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    layers_to_transform: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
+    modules_to_save: Sequence[str] | None = None
+    rank_pattern: Mapping[str, int] | None = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] | None = dataclasses.field(default_factory=dict)
 
 
 def refuse_quantized(method: str, weight: Any, module: str | None = None) -> None:

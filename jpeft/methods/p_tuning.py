@@ -45,7 +45,7 @@ class PromptEncoderConfig(pl.PromptLearningConfig):
                 "PromptEncoderConfig.encoder_reparameterization_type must be one of "
                 f"{ENCODERS}, got {self.encoder_reparameterization_type!r}"
             )
-        if not isinstance(self.encoder_num_layers, int) or self.encoder_num_layers < 1:
+        if self.encoder_num_layers < 1:
             raise ValueError(
                 "PromptEncoderConfig.encoder_num_layers must be an integer >= 1, got "
                 f"{self.encoder_num_layers!r}"

@@ -69,6 +69,10 @@ def _init_adapter(params, config: PrefixTuningConfig, key, model=None) -> Adapte
     return Adapter(config, {PROMPT_ENCODER: pieces})
 
 
+# The config fields the saved prefix [T, L * 2 * K * hd] is read by.
+LAYOUT_FIELDS = ("num_layers", "token_dim", "num_attention_heads")
+
+
 def _prefix_width(config: PrefixTuningConfig) -> int:
     return config.num_layers * 2 * config.token_dim
 
@@ -106,6 +110,7 @@ class PrefixTuning(PromptMethod):
     config_class = PrefixTuningConfig
     default_lr = 0.01
     job_help = "prefix tuning, a zero-initialised key/value prefix of --virtual-tokens"
+    SHAPE_FIELDS = ("num_virtual_tokens", "num_layers", "token_dim")
 
     def init_adapter(self, params, config: PrefixTuningConfig, key, model=None) -> Adapter:
         return _init_adapter(params, config, key, model)
@@ -115,6 +120,24 @@ class PrefixTuning(PromptMethod):
 
     def prompt_embeddings(self, adapter: Adapter) -> jax.Array:
         return prompt_embeddings(adapter)
+
+    def saved_shape(self, config: PrefixTuningConfig) -> tuple[int, int]:
+        """[num_virtual_tokens, num_layers * 2 * token_dim]: PEFT saves the prefix of the
+        virtual tokens once, every layer's keys and values side by side."""
+        return config.num_virtual_tokens, _prefix_width(config)
+
+    def from_file(self, config: PrefixTuningConfig, tensors, params, source: str) -> Adapter:
+        """The prefix, laid out by the config's `LAYOUT_FIELDS`, which must be set: PEFT fills
+        null ones from the model config it loads with, jpeft reads the file alone."""
+        missing = [field for field in LAYOUT_FIELDS if getattr(config, field) is None]
+        if missing:
+            raise ValueError(
+                f"{source}: a PREFIX_TUNING adapter_config.json needs {', '.join(LAYOUT_FIELDS)} "
+                f"(the prefix's layout), but it has null for {', '.join(missing)}; set them from "
+                "the model config (token_dim: key/value heads x head_dim, num_attention_heads: "
+                "key/value heads)"
+            )
+        return super().from_file(config, tensors, params, source)
 
     def job_config(self, job: JobSpec) -> PrefixTuningConfig:
         """A key/value prefix in every layer starting from zeros (PEFT's default N(0, 1) prefix

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -39,13 +39,17 @@ class PromptLearningConfig(PeftConfig):
     num_transformer_submodules: int | None = None
     num_attention_heads: int | None = None
     num_layers: int | None = None
-    modules_to_save: Any = None
+    modules_to_save: Sequence[str] | None = None
 
     def validate(self) -> None:
         name = type(self).__name__
         tokens = self.num_virtual_tokens
-        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        if tokens is None or tokens < 1:
             raise ValueError(f"{name}.num_virtual_tokens must be an integer >= 1, got {tokens!r}")
+        for field in ("token_dim", "num_attention_heads", "num_layers"):
+            value = getattr(self, field)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}.{field} must be >= 1 (or null), got {value}")
         if self.num_transformer_submodules not in (None, 1):
             raise ValueError(
                 f"{name}.num_transformer_submodules={self.num_transformer_submodules} is for "

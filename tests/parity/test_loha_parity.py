@@ -283,7 +283,5 @@ def test_loaded_pieces_must_fit_the_config(base_of, tmp_path):
     config = jpeft.LoHaConfig(r=4, target_modules=["q_proj"])
     adapter = jpeft.init_adapter(base.params, config, key=jax.random.key(0))
     jpeft.save_pretrained(adapter.replace(config=config.replace(r=2)), tmp_path)
-    loaded = jpeft.load_pretrained(tmp_path)
-    assert method_for(loaded.config).name == "loha"
     with pytest.raises(ValueError, match=r"q_proj\.hada_w1_a has shape \(32, 4\)"):
-        base.logits(base.params, loaded)
+        jpeft.load_pretrained(tmp_path)
