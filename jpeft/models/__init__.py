@@ -7,6 +7,7 @@ from jpeft.models.hf_loading import (
     iter_checkpoint_tensors,
     place_tensors,
 )
+from jpeft.models.inputs import checked
 from jpeft.models.llama import LlamaForCausalLM, ModelConfig, param_shapes
 from jpeft.models.pretrained import from_pretrained
 from jpeft.models.rope import RopeScaling
@@ -16,6 +17,7 @@ __all__ = [
     "LlamaForCausalLM",
     "ModelConfig",
     "RopeScaling",
+    "checked",
     "config_from_hf",
     "from_hf_config",
     "from_pretrained",

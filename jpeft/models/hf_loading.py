@@ -21,6 +21,7 @@ import numpy as np
 
 from jpeft import tree as jtree
 from jpeft.models import safetensors_file
+from jpeft.models.inputs import float_dtype
 from jpeft.models.llama import (
     FULL_ATTENTION,
     SLIDING_ATTENTION,
@@ -148,12 +149,20 @@ def _attention_layout(d: Mapping[str, Any], model_type: str) -> tuple[int | None
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """The parsed `config.json` of checkpoint directory `path`."""
+    """The parsed `config.json` of checkpoint directory `path` (ValueError naming the file
+    when it is not a JSON object)."""
     file = Path(path) / CONFIG_FILE
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no checkpoint directory or .gguf file at {str(path)!r}")
     if not file.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in checkpoint directory {str(path)!r}")
-    with open(file) as f:
-        return json.load(f)
+    try:
+        config = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); is it damaged?") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object, not {type(config).__name__}")
+    return config
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
@@ -224,10 +233,11 @@ def place_tensors(
     `place(path, value, stacked)` puts each finished leaf on its devices (default: the default
     device); `jpeft.sharding.loading_placer` puts only each device's part there.
 
-    Raises ValueError naming `source` and the tensor on a wrong shape, an unexpected name or
-    missing tensors. `lm_head.weight` is skipped when the config ties embeddings.
+    Raises ValueError naming `source` and the tensor on a wrong shape or dtype, NaN or inf
+    values, an unexpected name or missing tensors, and on a `dtype` that is not floating point.
+    `lm_head.weight` is skipped when the config ties embeddings.
     """
-    np_dtype = np.dtype(dtype)
+    np_dtype = float_dtype(dtype)
     place = place or _on_default_device
     names = hf_names(config)
     shapes = param_shapes(config)
@@ -243,6 +253,8 @@ def place_tensors(
         path, layer = names[name]
         expected = _layer_shape(shapes, path)
         is_quantized = isinstance(array, QuantizedTensor)
+        if not is_quantized:
+            _check_values(array, name, source)
         shape = tuple(array.weight_shape if is_quantized else array.shape)
         if shape != expected:
             raise ValueError(
@@ -251,7 +263,7 @@ def place_tensors(
             )
         module_path = ".".join(path[:-1])
         if not is_quantized and quantization and quantization.quantizes(module_path, shape):
-            array = quantization.quantize(array.astype(np_dtype, copy=False))
+            array = quantization.quantize(array.astype(np_dtype, copy=False), name=name)
             is_quantized = True
         if is_quantized:
             quantized.setdefault(path, {})[layer] = array
@@ -286,6 +298,21 @@ Placer = Callable[[str, Any, bool], Any]
 def _on_default_device(path: str, value: Any, stacked: bool) -> Any:
     """A numpy leaf to the default device in one copy (`jnp.asarray` makes two)."""
     return value if isinstance(value, QuantizedTensor) else jax.device_put(value)
+
+
+def _check_values(array: np.ndarray, name: str, source: str) -> None:
+    """ValueError naming the tensor unless it holds floats, all finite (one pass over it)."""
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        raise ValueError(
+            f"{source}: tensor {name!r} has dtype {array.dtype}, but a float weight is expected; "
+            "jpeft reads float checkpoints and bitsandbytes 4-bit ones (with their "
+            "quantization_config in config.json)"
+        )
+    if not np.isfinite(array).all():
+        raise ValueError(
+            f"{source}: tensor {name!r} holds NaN or inf values; the checkpoint is damaged "
+            "(or was saved after a diverged training run)"
+        )
 
 
 def _layer_shape(shapes: Params, path: tuple[str, ...]) -> tuple[int, ...]:

@@ -31,8 +31,9 @@ from jax import lax
 from jpeft import ops
 from jpeft.activations import constrain_batch
 from jpeft.adapter import Prompt
-from jpeft.injection import prepare
+from jpeft.injection import Prepared, prepare
 from jpeft.models import rope
+from jpeft.models.inputs import check_inputs, check_max_new_tokens, float_dtype
 from jpeft.models.rope import RopeScaling
 
 Params = dict[str, Any]
@@ -216,10 +217,16 @@ class LlamaForCausalLM:
 
     `remat` checkpoints each decoder layer for the backward pass: "full" keeps only the layer's
     input and recomputes the rest, "dots" keeps the matmul outputs; None keeps everything.
+
+    Every call checks its inputs' shapes and dtypes while it is traced (see
+    `jpeft.models.inputs`), and the token ids' range when they are concrete. `check_ids=True`
+    checks the range inside `jax.jit` too, with `jax.experimental.checkify`: call the jitted
+    function through `jpeft.models.checked(step)` to get a ValueError for a bad id.
     """
 
     config: ModelConfig
     remat: str | None = None
+    check_ids: bool = False
 
     def __post_init__(self) -> None:
         if self.remat is not None and self.remat not in REMAT_POLICIES:
@@ -229,7 +236,7 @@ class LlamaForCausalLM:
 
     def init(self, key: jax.Array, dtype: jnp.dtype = jnp.float32) -> Params:
         """Random params (normal(0, 0.02) weights, unit norms, zero biases) for tests/benchmarks."""
-        return _init_params(self.config, key, jnp.dtype(dtype))
+        return _init_params(self.config, key, float_dtype(dtype))
 
     def apply(
         self,
@@ -243,16 +250,11 @@ class LlamaForCausalLM:
         """`input_ids` [B, S] int -> logits [B, S, V]; `attention_mask` [B, S]: 1 token, 0 pad.
 
         With a prompt-tuning or p-tuning adapter the logits are [B, T + S, V], the T virtual
-        tokens first, as PEFT's are.
+        tokens first, as PEFT's are. `position_ids` [B, S] or [1, S]; `dropout_key` a PRNG key
+        (`jax.random.key`) that turns on the adapter's dropout.
         """
-        ready = prepare(params, adapter, dropout_key)
-        hidden = self._hidden(
-            ready.params,
-            input_ids,
-            attention_mask,
-            position_ids,
-            ready.untouched_layers,
-            ready.prompt,
+        ready, hidden = self._checked_hidden(
+            params, input_ids, adapter, attention_mask, dropout_key, position_ids
         )
         return self._head(ready.params, hidden)
 
@@ -267,15 +269,9 @@ class LlamaForCausalLM:
     ) -> jax.Array:
         """`input_ids` [B, S] int -> the final-norm hidden states [B, S, D] ([B, T + S, D] with
         T virtual tokens)."""
-        ready = prepare(params, adapter, dropout_key)
-        return self._hidden(
-            ready.params,
-            input_ids,
-            attention_mask,
-            position_ids,
-            ready.untouched_layers,
-            ready.prompt,
-        )
+        return self._checked_hidden(
+            params, input_ids, adapter, attention_mask, dropout_key, position_ids
+        )[1]
 
     def logits(self, params: Params, h: jax.Array, adapter: Any = None) -> jax.Array:
         """The LM head alone: `h` [..., D] -> logits [..., V]."""
@@ -294,17 +290,52 @@ class LlamaForCausalLM:
         Left padding in `attention_mask` is handled like transformers' `generate`. Prompt-learning
         adapters put their virtual tokens or prefix first, as PEFT's `generate` does; the result
         holds the real tokens only. The whole loop is one jitted function, cached per model,
-        shapes and `max_new_tokens`.
+        shapes and `max_new_tokens`. ValueError when the prompt (virtual tokens included) plus
+        `max_new_tokens` exceeds `max_position_embeddings`.
         """
         input_ids = jnp.asarray(input_ids)
-        if max_new_tokens <= 0:
+        check_inputs(self.config.vocab_size, input_ids, attention_mask)
+        ready = prepare(params, adapter)
+        virtual = 0 if ready.prompt is None else ready.prompt.num_virtual_tokens
+        max_new_tokens = check_max_new_tokens(
+            max_new_tokens, virtual + input_ids.shape[1], self.config.max_position_embeddings
+        )
+        if max_new_tokens == 0:
             return input_ids
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        ready = prepare(params, adapter)
         return _generate(
             self, ready.params, ready.prompt, input_ids, jnp.asarray(attention_mask), max_new_tokens
         )
+
+    def _checked_hidden(
+        self,
+        params: Params,
+        input_ids: jax.Array,
+        adapter: Any,
+        attention_mask: jax.Array | None,
+        dropout_key: jax.Array | None,
+        position_ids: jax.Array | None,
+    ) -> tuple[Prepared, jax.Array]:
+        """The inputs checked, the adapter prepared, and `_hidden` run: (prepared, [B, S, D])."""
+        check_inputs(
+            self.config.vocab_size,
+            input_ids,
+            attention_mask,
+            position_ids,
+            dropout_key,
+            check_ids=self.check_ids,
+        )
+        ready = prepare(params, adapter, dropout_key)
+        hidden = self._hidden(
+            ready.params,
+            input_ids,
+            attention_mask,
+            position_ids,
+            ready.untouched_layers,
+            ready.prompt,
+        )
+        return ready, hidden
 
     def _hidden(
         self,

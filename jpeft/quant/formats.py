@@ -118,12 +118,19 @@ def check_format(quant_type: str, blocksize: int) -> None:
 
 
 def quantize(
-    w: jax.Array, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False
+    w: jax.Array,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = False,
+    *,
+    name: str = "weight",
 ) -> QuantizedTensor:
     """Quantize `w` (any shape; float32, bfloat16 or float16) to bitsandbytes' 4-bit format.
 
     Gives the bytes of `bitsandbytes.functional.quantize_4bit(w, blocksize=blocksize,
-    quant_type=quant_type, compress_statistics=double_quant)`. Works under `jax.jit`.
+    quant_type=quant_type, compress_statistics=double_quant)`. Works under `jax.jit`. A concrete
+    `w` holding NaN or inf, which no block scale can represent, raises ValueError naming it
+    (`name`: the tensor's name for the message).
     """
     check_format(quant_type, blocksize)
     dtype = np.dtype(getattr(w, "dtype", None))
@@ -136,7 +143,12 @@ def quantize(
     if math.prod(shape) == 0:
         raise ValueError(f"cannot quantize an empty weight of shape {shape}")
     # A numpy weight goes to the device once, as the jitted function's argument.
-    arrays = _quantize(w.reshape(-1), quant_type, blocksize, double_quant)
+    arrays, non_finite = _quantize(w.reshape(-1), quant_type, blocksize, double_quant)
+    if not isinstance(non_finite, jax.core.Tracer) and non_finite:
+        raise ValueError(
+            f"cannot quantize {name}: {int(non_finite)} of its {math.prod(shape)} values are NaN "
+            "or inf, which 4-bit blocks cannot hold; fix the weight first"
+        )
     return QuantizedTensor(
         quant_type=quant_type, blocksize=blocksize, weight_shape=shape, dtype=dtype.name, **arrays
     )
@@ -145,12 +157,14 @@ def quantize(
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _quantize(
     flat: jax.Array, quant_type: str, blocksize: int, double_quant: bool
-) -> dict[str, jax.Array]:
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """The arrays of a `QuantizedTensor` for `flat` [n], and how many of its values are not
+    finite (int32 [])."""
     codes, absmax = _quantize_4bit(flat.astype(jnp.float32), quant_type, blocksize)
     arrays = {"packed": (codes[0::2] << 4) | codes[1::2], "absmax": absmax}
     if double_quant:
         arrays.update(_quantize_absmax(absmax))
-    return arrays
+    return arrays, jnp.sum(~jnp.isfinite(flat), dtype=jnp.int32)
 
 
 def _blocks(x: jax.Array, blocksize: int) -> jax.Array:

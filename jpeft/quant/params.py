@@ -50,9 +50,10 @@ class QuantConfig:
             for skip in self.skip_modules
         )
 
-    def quantize(self, weight: Any) -> QuantizedTensor:
-        """One weight [out, in] (a numpy or jax array), quantized in this format."""
-        return quantize(weight, self.quant_type, self.blocksize, self.double_quant)
+    def quantize(self, weight: Any, name: str = "weight") -> QuantizedTensor:
+        """One weight [out, in] (a numpy or jax array), quantized in this format; `name` for
+        the error on NaN or inf values."""
+        return quantize(weight, self.quant_type, self.blocksize, self.double_quant, name=name)
 
 
 def quantize_params(params: Mapping[str, Any], config: QuantConfig | None = None) -> dict:
@@ -62,6 +63,7 @@ def quantize_params(params: Mapping[str, Any], config: QuantConfig | None = None
     """
     config = config or QuantConfig()
     flat = jtree.flatten(params)
+    stacked: dict[str, list[QuantizedTensor]] = {}  # path -> its layers, in order
     for module in jtree.hf_modules(params):
         path = f"{module.tree_path}.weight"
         leaf = flat[path]
@@ -69,10 +71,13 @@ def quantize_params(params: Mapping[str, Any], config: QuantConfig | None = None
             module.tree_path, module.shape
         ):
             continue
+        weight = jtree.layer_of(leaf, module.layer)
+        quantized = config.quantize(weight, name=f"{module.name}.weight")
         if module.layer is None:
-            flat[path] = config.quantize(leaf)
-        elif module.layer == 0:
-            flat[path] = stack([config.quantize(layer) for layer in leaf])
+            flat[path] = quantized
+        else:
+            stacked.setdefault(path, []).append(quantized)
+    flat.update({path: stack(layers) for path, layers in stacked.items()})
     return jtree.unflatten(flat)
 
 
@@ -98,7 +103,9 @@ def requantize_like(params: Mapping[str, Any], like: Mapping[str, Any], paths) -
         config = QuantConfig(leaf.quant_type, leaf.blocksize, leaf.double_quant)
         merged = flat[path].astype(leaf.dtype)
         if leaf.stack_shape:
-            flat[path] = stack([config.quantize(layer) for layer in merged])
+            flat[path] = stack(
+                [config.quantize(layer, f"{path} (layer {i})") for i, layer in enumerate(merged)]
+            )
         else:
-            flat[path] = config.quantize(merged)
+            flat[path] = config.quantize(merged, path)
     return jtree.unflatten(flat)
