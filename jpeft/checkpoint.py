@@ -9,19 +9,29 @@ Only what training changes is saved: the frozen base weights come from the model
 the adapter's config from the run's options. Leaves are stored as a flat list, in the order of
 the adapter and optimizer-state trees, with their key paths and shapes in the JSON metadata to
 check that a resumed run has the same structure.
+
+A checkpoint folder belongs to one run: given an `identity` (what decides the result: the model
+and data fingerprints, the method config, seed, batch size, schedule), the first checkpointer of
+a folder records it in `run_identity.json`, and a later one with another identity is refused,
+naming the entries that differ. A folder that holds other files and no identity is refused too.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jpeft.tree import path_str
+
+IDENTITY_FILE = "run_identity.json"
 
 
 class CheckpointError(ValueError):
@@ -32,16 +42,27 @@ class TrainCheckpointer:
     """Periodic train-state checkpoints in `directory` (a local path or a gs:// bucket).
 
     `save_every`: save when `step % save_every == 0` (and always when `force=True`);
-    `keep`: how many of the latest checkpoints to keep.
+    `keep`: how many of the latest checkpoints to keep; `identity`: JSON-able entries that
+    decide the result (see the module docstring), checked against the folder's.
     """
 
-    def __init__(self, directory: str, *, save_every: int, keep: int = 2):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        save_every: int,
+        keep: int = 2,
+        identity: Mapping[str, Any] | None = None,
+    ):
         if save_every < 1:
             raise ValueError(f"checkpoint interval must be at least 1 step, got {save_every}")
         if "://" not in directory:
             directory = os.path.abspath(directory)
         self.directory = directory
         self.save_every = save_every
+        self._closed = False
+        if identity is not None:
+            _claim(epath.Path(directory), json.loads(json.dumps(identity)))
         self._manager = ocp.CheckpointManager(
             directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
@@ -117,8 +138,12 @@ class TrainCheckpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Finish the saves in flight and release the manager (again: nothing)."""
+        if self._closed:
+            return
         self._manager.wait_until_finished()
         self._manager.close()
+        self._closed = True
 
 
 def _flat(trainable: Any, opt_state: Any) -> tuple[list, list[str]]:
@@ -129,3 +154,37 @@ def _flat(trainable: Any, opt_state: Any) -> tuple[list, list[str]]:
             leaves.append(leaf)
             paths.append(f"{prefix}/{path_str(key_path)}")
     return leaves, paths
+
+
+def _claim(folder: epath.Path, identity: dict[str, Any]) -> None:
+    """Record `identity` in a new or empty `folder`, or check it against the one recorded there
+    (CheckpointError naming each differing entry, or the folder's other files)."""
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} is a file; give a folder path")
+    record = folder / IDENTITY_FILE
+    if record.exists():
+        try:
+            recorded = json.loads(record.read_text())
+        except ValueError as err:
+            raise CheckpointError(f"{record} is not valid JSON ({err}); is it damaged?") from None
+        differing = [
+            f"{key}: {recorded.get(key)!r} there, {identity.get(key)!r} now"
+            for key in sorted(set(recorded) | set(identity))
+            if recorded.get(key) != identity.get(key)
+        ]
+        if differing:
+            raise CheckpointError(
+                f"the checkpoints in {folder} belong to another run ({'; '.join(differing)}); "
+                "resume with the options they were written with, or use a new checkpoint folder"
+            )
+        return
+    if folder.exists() and any(folder.iterdir()):
+        raise CheckpointError(
+            f"checkpoint folder {folder} holds files and no {IDENTITY_FILE}: it was not made by "
+            "this run; give a new or empty folder"
+        )
+    if jax.process_index() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = folder / f".{IDENTITY_FILE}.tmp"
+        temporary.write_text(json.dumps(identity, indent=2, sort_keys=True))
+        temporary.rename(record)

@@ -1,8 +1,11 @@
 """The `jpeft` command: `jpeft finetune` (the main job) and `jpeft generate`.
 
 User mistakes (a missing model file, a data file without the needed columns, an unknown method, a
-sequence length the model cannot take) print one line naming the problem and exit with code 2.
-Set JPEFT_TRACEBACK=1 to see the full traceback instead.
+sequence length the model cannot take, a bad adapter file: every ValueError jpeft raises on user
+input) print one line naming the problem and exit with code 2. A run that stops early prints what
+it kept: code 1 when the loss became NaN/inf, 130 on Ctrl-C, 143 on SIGTERM. Set
+JPEFT_TRACEBACK=1 to see the full traceback instead. Any other exception is a bug in jpeft and
+shows its traceback.
 """
 
 from __future__ import annotations
@@ -12,13 +15,21 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 
-from jpeft.finetune.data import DataError
-from jpeft.finetune.job import FinetuneConfig, JobError
+from jpeft.finetune.options import FinetuneConfig, JobError, check_types
+from jpeft.finetune.stopping import RunStopped, Terminated
 from jpeft.method import registered
 
 REGEX_CHARACTERS = "\\.*+?()[]|^$"
-USER_ERRORS = (JobError, DataError, FileNotFoundError, ValueError)
+USER_ERRORS = (OSError, ValueError)  # JobError, DataError, CheckpointError are ValueErrors
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's usage errors in one line (not the whole usage block first), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def finetune_parser(sub) -> None:
@@ -27,7 +38,9 @@ def finetune_parser(sub) -> None:
     options = {
         "model": "HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)",
         "data": "json/jsonl/csv with prompt/completion or text/label columns (default: BBC News)",
-        "output_dir": "where metrics.json, loss.png and adapter/ go",
+        "output_dir": "where metrics.json, loss.png and adapter/ go: a new or empty folder, or "
+        "a previous jpeft output with --overwrite",
+        "overwrite": "replace the previous jpeft output in --output-dir (only one jpeft wrote)",
         "method": "the PEFT method, one of the registered methods: "
         + "; ".join(f"{name} ({m.job_help})" for name, m in registered().items()),
         "r": "LoRA rank",
@@ -49,6 +62,8 @@ def finetune_parser(sub) -> None:
         "test_size": "examples held out for the accuracy test",
         "eval_batch_size": "examples per evaluation forward",
         "seed": "seed of the split, init and order",
+        "skip_bad_rows": "drop malformed data rows (empty label, extra fields, bad JSON, "
+        "undecodable bytes) and report how many, instead of stopping at the first",
         "quantize": "load the base quantized to 4 bits, nf4 or fp4, double-quantized (QLoRA)",
         "mesh": "shard over a device mesh, e.g. data=2,fsdp=-1,model=1 (-1: the remaining "
         "devices; the product is the device count of all hosts)",
@@ -66,15 +81,16 @@ def finetune_parser(sub) -> None:
         default=None,
         help="a JSON file of these options (keys with underscores); flags given override it",
     )
-    none_default_kinds = {"train_layers": int, "lr": float}
+    hints = typing.get_type_hints(FinetuneConfig)
     for field in dataclasses.fields(FinetuneConfig):
         default = getattr(defaults, field.name)
         flag = "--" + field.name.replace("_", "-")
         help_text = f"{options[field.name]} (default: {default})".replace("%", "%%")
-        if isinstance(default, bool):
+        if hints[field.name] is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
             continue
-        kind = type(default) if default is not None else none_default_kinds.get(field.name, str)
+        kinds = typing.get_args(hints[field.name]) or (hints[field.name],)
+        kind = next((t for t in (int, float) if t in kinds), str)  # what argparse converts to
         parser.add_argument(flag, type=kind, default=default, help=help_text)
 
 
@@ -93,6 +109,7 @@ def config_file_options(path: str) -> dict:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"--config {path}: unknown options {unknown}; known: {sorted(known)}")
+    check_types(values, f"--config {path}")
     return values
 
 
@@ -101,7 +118,7 @@ def generate_parser(sub) -> None:
     parser.add_argument("prompt", help="the user message (the chat template is applied if any)")
     parser.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2)")
     parser.add_argument("--adapter", default=None, help="a PEFT adapter directory")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="at least 1")
 
 
 def run_finetune(args: argparse.Namespace, explicit: set[str]) -> None:
@@ -128,6 +145,8 @@ def run_generate(args: argparse.Namespace) -> None:
     import jpeft
     from jpeft.finetune.job import default_model_path
 
+    if args.max_new_tokens < 1:
+        raise JobError(f"--max-new-tokens {args.max_new_tokens}: must be an integer >= 1")
     path = args.model or default_model_path()
     model, params = jpeft.models.from_pretrained(path)
     tokenizer = jpeft.models.load_tokenizer(path)
@@ -154,7 +173,7 @@ def explicit_options(argv: list[str] | None) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jpeft", description="parameter-efficient fine-tuning")
+    parser = OneLineParser(prog="jpeft", description="parameter-efficient fine-tuning")
     sub = parser.add_subparsers(dest="command")
     finetune_parser(sub)
     generate_parser(sub)
@@ -166,12 +185,24 @@ def main(argv: list[str] | None = None) -> int:
             run_finetune(args, explicit_options(argv))
         else:
             run_generate(args)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, RunStopped, KeyboardInterrupt, Terminated) as err:
         if os.environ.get("JPEFT_TRACEBACK"):
             raise
-        print(f"jpeft {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        message, code = stop_report(err)
+        print(f"jpeft {args.command}: {message}", file=sys.stderr)
+        return code
     return 0
+
+
+def stop_report(err: BaseException) -> tuple[str, int]:
+    """The one line and exit code for an error or early stop."""
+    if isinstance(err, RunStopped):
+        return f"stopped: {err}", err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C); nothing was written", 130
+    if isinstance(err, Terminated):
+        return "terminated (SIGTERM); nothing was written", 143
+    return f"error: {err}", 2
 
 
 if __name__ == "__main__":

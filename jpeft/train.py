@@ -157,7 +157,10 @@ def make_train_step(
 ) -> Callable:
     """A jitted train step `step(params, adapter, opt_state, batch, dropout_key)`.
 
-    It returns `(adapter, opt_state, loss)`; the loss includes the method's regularizer.
+    It returns `(adapter, opt_state, loss)`; the loss includes the method's regularizer. A step
+    whose loss or gradient is not finite (NaN or inf) changes nothing: it returns the adapter and
+    optimizer state it was given and a NaN loss, so a loop that stops on a NaN loss keeps the
+    last good state (`jpeft finetune` does).
     `batch` is what `objective` reads (default `causal_lm_objective`: `input_ids` [batch, seq],
     `labels` [batch, seq], optional `attention_mask`). `opt_state` is
     `init_opt_state(optimizer, trainable)` with `trainable, _ = jpeft.partition(adapter)` (for
@@ -187,9 +190,15 @@ def make_train_step(
         adapter_optimizer = optimizer_for(optimizer, adapter)
         _check_opt_state(adapter_optimizer, trainable, opt_state)
         loss, grads = jax.value_and_grad(loss_of)(trainable, frozen, params, batch, dropout_key)
-        updates, opt_state = adapter_optimizer.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        return combine(trainable, frozen), opt_state, loss
+        updates, new_opt_state = adapter_optimizer.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        trainable, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (new_trainable, new_opt_state),
+            (trainable, opt_state),
+        )
+        return combine(trainable, frozen), opt_state, jnp.where(finite, loss, jnp.nan)
 
     if shardings is None:
         return jax.jit(step, donate_argnums=(1, 2))

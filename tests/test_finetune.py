@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 import pytest
-from tiny_models import TOPIC_WORDS, TOPICS, WORDS, save_word_level_llama
+from job_helpers import finalized_steps, job_args, run_cli_error, saved_adapter
+from tiny_models import TOPIC_WORDS, TOPICS, WORDS
 
 from jpeft import cli
 from jpeft.finetune import data as jdata
@@ -26,25 +27,6 @@ def test_bbc_split_is_fixed_and_disjoint():
     assert not {e.text for e in dataset.test} & {e.text for e in dataset.train}
     assert set(dataset.labels) == {"business", "entertainment", "politics", "sport", "tech"}
     assert {e.answer for e in dataset.test} == set(dataset.labels)
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A tiny Llama with a word-level tokenizer, saved as a HF directory."""
-    return save_word_level_llama(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def topic_csv(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    rows = ["text,label"]
-    for _ in range(150):
-        topic = TOPICS[rng.integers(3)]
-        words = rng.choice(TOPIC_WORDS[topic], 6).tolist() + rng.choice(WORDS[:2], 2).tolist()
-        rows.append(f"{' '.join(rng.permutation(words))},{topic}")
-    path = tmp_path_factory.mktemp("data") / "topics.csv"
-    path.write_text("\n".join(rows))
-    return path
 
 
 def test_finetune_end_to_end_learns(tiny_checkpoint, topic_csv, tmp_path):
@@ -73,7 +55,7 @@ def test_finetune_end_to_end_learns(tiny_checkpoint, topic_csv, tmp_path):
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     assert (out / "loss.png").stat().st_size > 1000
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert not (tmp_path / "run.partial").exists()
+    assert os.listdir(tmp_path) == ["run"]  # no temporary folder or lock file left
 
 
 OTHER_METHODS = {
@@ -97,13 +79,6 @@ def test_finetune_other_methods_learn(tiny_checkpoint, topic_csv, tmp_path, meth
     assert loss[-10:].mean() < 0.8 * loss[:10].mean(), loss
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == method.upper().replace("-", "_")
-
-
-def run_cli_error(args, capsys) -> str:
-    assert cli.main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
 
 
 def test_missing_model_file(tmp_path, capsys):
@@ -174,20 +149,6 @@ def test_help_lists_the_options(command, capsys, monkeypatch):
         assert "prefix-tuning" in out and "top 40%" in out
 
 
-def job_args(tiny_checkpoint, data, out, *extra) -> list[str]:
-    """A short tiny-model run of `jpeft finetune` writing to `out`."""
-    args = ["finetune", "--model", str(tiny_checkpoint), "--data", str(data)]
-    args += ["--output-dir", str(out), "--seq-len", "48", "--test-size", "8"]
-    args += ["--eval-batch-size", "8", "--r", "4", "--train-layers", "0", "--lr", "3e-2"]
-    return args + [str(a) for a in extra]
-
-
-def saved_adapter(out) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return load_file(out / "adapter" / "adapter_model.safetensors")
-
-
 @pytest.mark.parametrize("base", ["float", "nf4"])
 def test_sharded_job_gives_the_single_device_run(tiny_checkpoint, topic_csv, tmp_path, base):
     single, sharded = tmp_path / "single", tmp_path / "sharded"
@@ -245,13 +206,6 @@ def test_free_text_answers_are_scored_by_held_out_loss(tiny_checkpoint, tmp_path
     assert cli.main(job_args(tiny_checkpoint, data, out, "--steps", 30)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_answer_loss_after"] < 0.5 * metrics["test_answer_loss_before"]
-
-
-def finalized_steps(directory) -> list[int]:
-    """Steps orbax has finished writing (a save in progress has a temporary name)."""
-    if not directory.exists():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_checkpoint, topic_csv, tmp_path):

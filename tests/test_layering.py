@@ -3,7 +3,7 @@
 Layers, lowest first (a module imports only from its own layer or below; importing a module of
 another package runs that package's `__init__` too, so that counts as an import of the package):
 
-    tree, quant, config, targeting, activations, gguf_file, tokenizer
+    tree, json_types, quant, config, targeting, activations, gguf_file, tokenizer
     -> ops -> adapter, method -> injection -> methods, peft_format -> sharding -> models
     -> train, checkpoint -> memory -> the `jpeft` facade, finetune -> cli
 
@@ -23,6 +23,7 @@ ROOT = Path(jpeft.__file__).parent
 LAYERS = [
     (
         "jpeft.tree",
+        "jpeft.json_types",
         "jpeft.quant",
         "jpeft.config",
         "jpeft.targeting",

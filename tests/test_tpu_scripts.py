@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jpeft.cli import config_file_options
-from jpeft.finetune.job import FinetuneConfig
+from jpeft.finetune.options import FinetuneConfig
 
 TPU = Path(__file__).resolve().parents[1] / "tpu"
 CONFIGS = sorted((TPU / "configs").glob("*.json"))

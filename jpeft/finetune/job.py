@@ -8,12 +8,12 @@ compares the next-token logits of the label words' first tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import importlib.util
-import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,16 +26,16 @@ import optax
 import jpeft
 import jpeft.sharding
 from jpeft import tree as jtree
-from jpeft.checkpoint import TrainCheckpointer
+from jpeft.checkpoint import CheckpointError, TrainCheckpointer
 from jpeft.finetune import data as jdata
-from jpeft.method import JobOptionError, JobSpec, method_named, registered
+from jpeft.finetune.lock import FolderLock
+from jpeft.finetune.options import FinetuneConfig, JobError, flag, validate
+from jpeft.finetune.outputs import check_output_dir, write_outputs
+from jpeft.finetune.stopping import RunStopped, StopSignals
+from jpeft.method import JobOptionError, JobSpec, method_named
 from jpeft.train import answer_objective, finish, init_opt_state, make_train_step
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class JobError(ValueError):
-    """A user mistake in the job's options, reported in one line."""
 
 
 def default_model_path() -> str:
@@ -49,58 +49,45 @@ def default_model_path() -> str:
     return str(Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE)
 
 
-@dataclasses.dataclass
-class FinetuneConfig:
-    """Options of `jpeft finetune`; the defaults are the main job."""
-
-    model: str | None = None
-    data: str | None = None
-    output_dir: str = "jpeft-output"
-    method: str = "lora"
-    quantize: str | None = None  # "nf4" / "fp4": a 4-bit base (QLoRA), double-quantized
-    r: int = 16
-    lora_alpha: float = 32
-    lora_dropout: float = 0.0
-    target_modules: str | list[str] | None = None  # None: the method's default
-    train_layers: int | None = None  # None: the top 40% of the layers
-    virtual_tokens: int = 20
-    steps: int = 80
-    batch_size: int = 8
-    seq_len: int = 128
-    text_tokens: int = 64
-    lr: float | None = None  # None: the method's default (`default_lr` of its registry entry)
-    warmup_steps: int = 10
-    test_size: int = 300
-    eval_batch_size: int = 16
-    seed: int = 0
-    mesh: str | None = None  # "data=D,fsdp=F,model=M" (one may be -1); None: one device
-    distributed: bool = False  # jax.distributed.initialize() first (TPU pods: every host)
-    checkpoint_dir: str | None = None  # orbax train-state checkpoints; a rerun resumes
-    checkpoint_every: int = 50
-    remat: str | None = None  # per-layer activation checkpointing: "dots", "full" or "none"
-
-
 def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
-    """Run the job; returns the metrics written to `<output_dir>/metrics.json`."""
-    try:
-        method = method_named(config.method)
-    except ValueError:
-        raise JobError(
-            f"--method {config.method!r} is not available; choose from {list(registered())}"
-        ) from None
+    """Run the job; returns the metrics written to `<output_dir>/metrics.json`.
+
+    Every option is checked first, then the output and checkpoint folders (locked for this run
+    on the process that writes them); JobError for a user mistake, RunStopped for a run that
+    ends early (NaN loss, Ctrl-C, SIGTERM).
+    """
+    validate(config)
+    method = method_named(config.method)
     if config.lr is None:
         config = dataclasses.replace(config, lr=method.default_lr)
     model_path = config.model or default_model_path()
     if not os.path.exists(model_path):
         raise JobError(f"--model {model_path}: no such file or directory")
+    if config.checkpoint_dir is not None and os.path.isfile(config.checkpoint_dir):
+        raise JobError(f"--checkpoint-dir {config.checkpoint_dir} is a file; give a folder path")
     if config.distributed:
         jpeft.sharding.initialize()
+    with contextlib.ExitStack() as held, StopSignals() as signals:
+        output_dir = None
+        if jax.process_index() == 0:  # the process that writes the outputs
+            output_dir = check_output_dir(config.output_dir, config.overwrite)
+            held.enter_context(FolderLock(output_dir, "--output-dir", log))
+            check_output_dir(config.output_dir, config.overwrite)  # again, now that it is ours
+            if config.checkpoint_dir is not None and "://" not in config.checkpoint_dir:
+                held.enter_context(FolderLock(config.checkpoint_dir, "--checkpoint-dir", log))
+        return _run(config, method, model_path, output_dir, signals, log)
+
+
+def _run(config: FinetuneConfig, method, model_path: str, output_dir, signals, log) -> dict:
     mesh = make_mesh(config)
-    dataset = (
-        jdata.bbc_news(config.test_size, config.seed)
-        if config.data is None
-        else jdata.local_file(config.data, config.test_size, config.seed)
-    )
+    if config.data is None:
+        dataset = jdata.bbc_news(config.test_size, config.seed)
+    else:
+        dataset = jdata.local_file(
+            config.data, config.test_size, config.seed, skip_bad_rows=config.skip_bad_rows
+        )
+        if dataset.skipped_rows:
+            log(f"skipped {dataset.skipped_rows} bad rows of {config.data}")
     log(f"loading {model_path}")
     try:
         model, params = jpeft.models.from_pretrained(
@@ -111,11 +98,8 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
         )
     except ValueError as err:
         raise JobError(f"--model {model_path}: {err}") from None
-    try:
-        remat = None if config.remat == "none" else config.remat
-        model = dataclasses.replace(model, remat=remat)
-    except ValueError as err:
-        raise JobError(f"--remat: {err}") from None
+    remat = None if config.remat == "none" else config.remat
+    model = dataclasses.replace(model, remat=remat)
     tokenizer = jpeft.models.load_tokenizer(model_path)
     max_positions = model.config.max_position_embeddings
     if config.seq_len > max_positions:
@@ -137,14 +121,28 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
     if mesh is not None:
         adapter = jpeft.sharding.shard(adapter, mesh, like=params)
     check_batch_sizes(config, mesh)
+    signals.check()
+    checkpointer = None
+    if config.checkpoint_dir is not None:
+        identity = run_identity(config, model_path, train_set)
+        try:
+            checkpointer = TrainCheckpointer(
+                config.checkpoint_dir, save_every=config.checkpoint_every, identity=identity
+            )
+        except CheckpointError as err:
+            raise JobError(f"--checkpoint-dir: {err}") from None
     evaluate = make_evaluator(model, config.eval_batch_size, label_tokens, mesh)
     log(f"{adapter}; {len(dataset.train)} train / {len(dataset.test)} test examples")
     score = "accuracy" if label_tokens is not None else "answer loss"
     before = evaluate(params, adapter, test_set)
     log(f"{score} before: {before:.3f}")
-    adapter, history = train(model, params, adapter, train_set, config, mesh, log)
+    signals.check()
+    adapter, history = train(
+        model, params, adapter, train_set, config, mesh, checkpointer, signals, log
+    )
     after = evaluate(params, adapter, test_set)
     log(f"{score} after:  {after:.3f}")
+    signals.check()
     key = "accuracy" if label_tokens is not None else "test_answer_loss"
     metrics = {
         f"{key}_before": before,
@@ -161,10 +159,58 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
         "config": dataclasses.asdict(config) | {"model": model_path},
     }
     adapter = jpeft.sharding.gather(adapter)
-    if jax.process_index() == 0:
-        write_outputs(config.output_dir, adapter, metrics)
+    if output_dir is not None:
+        write_outputs(output_dir, adapter, metrics)
         log(f"wrote {config.output_dir}/: metrics.json, loss.png, adapter/ (PEFT format)")
     return metrics
+
+
+# The options that change a run's result: resuming a checkpoint with another value is refused.
+RESULT_OPTIONS = (
+    "method",
+    "quantize",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "train_layers",
+    "virtual_tokens",
+    "steps",
+    "batch_size",
+    "seq_len",
+    "text_tokens",
+    "lr",
+    "warmup_steps",
+    "test_size",
+    "seed",
+)
+
+
+def run_identity(config: FinetuneConfig, model_path: str, train_set: jdata.Encoded) -> dict:
+    """What a checkpoint records to be resumed only by the same run: the result-changing options
+    by flag, a fingerprint of the model file(s) and one of the tokenized training examples."""
+    identity = {flag(name): getattr(config, name) for name in RESULT_OPTIONS}
+    identity["--model (file contents)"] = model_fingerprint(model_path)
+    data = hashlib.sha256(train_set.input_ids.tobytes() + train_set.loss_mask.tobytes())
+    identity["--data (training examples)"] = data.hexdigest()[:16]
+    return identity
+
+
+def model_fingerprint(path: str, window: int = 1 << 20) -> str:
+    """A hash of each model file's size, first and last MiB (a GGUF file, or a HF folder's
+    config.json and safetensors files): cheap for gigabytes, changed by any real edit."""
+    files = [Path(path)] if os.path.isfile(path) else sorted(Path(path).glob("*.safetensors"))
+    if os.path.isdir(path):
+        files.append(Path(path) / "config.json")
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as f:
+            digest.update(f.read(window))
+            f.seek(max(size - window, 0))
+            digest.update(f.read(window))
+    return digest.hexdigest()[:16]
 
 
 TRAIN_LAYER_SHARE = 0.4  # default --train-layers: adapt the top 40% of the layers
@@ -213,13 +259,13 @@ def check_batch_sizes(config: FinetuneConfig, mesh) -> None:
     if mesh is None:
         return
     multiple = jpeft.sharding.batch_size_multiple(mesh)
-    for flag, size in (
+    for option, size in (
         ("--batch-size", config.batch_size),
         ("--eval-batch-size", config.eval_batch_size),
     ):
         if size % multiple:
             raise JobError(
-                f"{flag} {size} does not split over the mesh's data x fsdp = {multiple} devices; "
+                f"{option} {size} does not split over the mesh's data x fsdp = {multiple} devices; "
                 f"use a multiple of {multiple}"
             )
 
@@ -236,12 +282,24 @@ def answer_batch(encoded: jdata.Encoded, rows: np.ndarray, answer_len: int) -> d
     return {"input_ids": ids, "positions": positions, "targets": targets, "valid": valid}
 
 
-def train(model, params, adapter, train_set: jdata.Encoded, config: FinetuneConfig, mesh, log):
+def train(
+    model,
+    params,
+    adapter,
+    train_set: jdata.Encoded,
+    config: FinetuneConfig,
+    mesh,
+    checkpointer: TrainCheckpointer | None,
+    signals: StopSignals,
+    log,
+):
     """AdamW with warm-up and cosine decay; a progress bar with loss, tokens/s and ETA.
 
-    With `--checkpoint-dir` the train state is saved every `--checkpoint-every` steps, and a run
+    With a checkpointer the train state is saved every `--checkpoint-every` steps, and a run
     finding a checkpoint there resumes after its step: the data order and dropout keys depend on
-    the step only, so the result is the one an uninterrupted run gives.
+    the step only, so the result is the one an uninterrupted run gives. A NaN/inf loss or
+    gradient, Ctrl-C or SIGTERM (after saving the state, when checkpointing) stop the run with
+    RunStopped; the checkpointer is closed (its saves finished) whatever happens.
     """
     from tqdm.auto import tqdm
 
@@ -256,45 +314,78 @@ def train(model, params, adapter, train_set: jdata.Encoded, config: FinetuneConf
         opt_state = jpeft.sharding.init_optimizer(optimizer, trainable)
     step = make_step(model, optimizer, mesh, params, adapter)
     history = {"loss": [], "step_seconds": [], "tokens": 0, "seconds": 0.0}
-    checkpointer, start = None, 0
-    if config.checkpoint_dir is not None:
-        checkpointer = TrainCheckpointer(config.checkpoint_dir, save_every=config.checkpoint_every)
-        start = checkpointer.latest_step() or 0
-        if start:
-            trainable, opt_state, history = checkpointer.restore(start, trainable, opt_state)
-            log(f"resuming from the checkpoint after step {start} in {config.checkpoint_dir}")
+    start = (checkpointer.latest_step() or 0) if checkpointer is not None else 0
+    if start:
+        trainable, opt_state, history = checkpointer.restore(start, trainable, opt_state)
+        finished = " (the run had finished: evaluating it)" if start >= config.steps else ""
+        log(f"resuming from the checkpoint after step {start} in {config.checkpoint_dir}{finished}")
     adapter = jpeft.combine(trainable, frozen)
 
     answer_len = int(train_set.loss_mask.sum(1).max())
     real_tokens = train_set.prompt_end + 1 + train_set.loss_mask.sum(1)
     schedule_rows = epoch_rows(len(train_set), config.batch_size, config.steps, config.seed)
-    bar = tqdm(range(start, config.steps), desc="train", unit="step", dynamic_ncols=True)
-    for i in bar:
-        step_start = time.perf_counter()
-        rows = schedule_rows[i]
-        batch = answer_batch(train_set, rows, answer_len)
-        if mesh is not None:
-            batch = jpeft.sharding.shard_batch(batch, mesh)
-        # the step index as the dropout seed: the same keys after a resume, nothing to place
-        adapter, opt_state, loss = step(params, adapter, opt_state, batch, np.uint32(i))
-        history["loss"].append(float(loss))
-        history["step_seconds"].append(time.perf_counter() - step_start)
-        history["seconds"] += history["step_seconds"][-1]
-        history["tokens"] += int(real_tokens[rows].sum())
-        bar.set_postfix(
-            loss=f"{history['loss'][-1]:.3f}", tok_s=f"{history['tokens'] / history['seconds']:.0f}"
-        )
+    done = start
+    try:
+        bar = tqdm(range(start, config.steps), desc="train", unit="step", dynamic_ncols=True)
+        with signals.deferred():  # Ctrl-C / SIGTERM act between steps (see jpeft.finetune.stopping)
+            for i in bar:
+                if signals.requested is not None:
+                    break
+                step_start = time.perf_counter()
+                rows = schedule_rows[i]
+                batch = answer_batch(train_set, rows, answer_len)
+                if mesh is not None:
+                    batch = jpeft.sharding.shard_batch(batch, mesh)
+                # the step index as the dropout seed: the same keys after a resume
+                adapter, opt_state, loss = step(params, adapter, opt_state, batch, np.uint32(i))
+                loss = float(loss)
+                if not math.isfinite(loss):
+                    raise RunStopped(
+                        f"step {i + 1}: the loss or a gradient is not finite; stopped without "
+                        f"writing an adapter{kept(checkpointer, resumable=False)}. Lower --lr "
+                        f"(now {config.lr:g}) or check the data",
+                        exit_code=1,
+                    )
+                done = i + 1
+                history["loss"].append(loss)
+                history["step_seconds"].append(time.perf_counter() - step_start)
+                history["seconds"] += history["step_seconds"][-1]
+                history["tokens"] += int(real_tokens[rows].sum())
+                bar.set_postfix(
+                    loss=f"{loss:.3f}", tok_s=f"{history['tokens'] / history['seconds']:.0f}"
+                )
+                if checkpointer is not None:
+                    trainable, _ = jpeft.partition(adapter)
+                    last = done == config.steps or signals.requested is not None
+                    checkpointer.save(done, trainable, opt_state, history, force=last)
+        if signals.requested is not None:
+            raise signals.stopped(f"after step {done}{kept(checkpointer)}")
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        raise RunStopped(
+            f"interrupted (Ctrl-C) after step {done}{kept(checkpointer)}", 130
+        ) from None
+    finally:
         if checkpointer is not None:
-            trainable, _ = jpeft.partition(adapter)
-            checkpointer.save(i + 1, trainable, opt_state, history, force=i + 1 == config.steps)
-    if checkpointer is not None:
-        checkpointer.close()
+            checkpointer.close()
     return finish(adapter, opt_state), {
         "loss": history["loss"],
         "step_seconds": history["step_seconds"],
         "train_seconds": history["seconds"],
         "tokens_per_second": history["tokens"] / max(history["seconds"], 1e-9),
     }
+
+
+def kept(checkpointer: TrainCheckpointer | None, resumable: bool = True) -> str:
+    """What a stopped run leaves (to resume from, unless the stop would recur), as the end of
+    its message."""
+    if checkpointer is None:
+        return "; nothing was saved (--checkpoint-dir makes a run resumable)"
+    checkpointer.close()  # the saves in flight finish first
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return f"; no checkpoint was written yet in {checkpointer.directory}"
+    kept = f"; the checkpoint after step {latest} is kept in {checkpointer.directory}"
+    return kept + (": rerun the same command to resume" if resumable else "")
 
 
 def make_step(model, optimizer, mesh, params, adapter):
@@ -371,31 +462,3 @@ def make_evaluator(model, batch_size: int, label_tokens: np.ndarray | None, mesh
         return total / max(count, 1)
 
     return accuracy if label_tokens is not None else mean_answer_loss
-
-
-def write_outputs(output_dir: str, adapter, metrics: dict) -> None:
-    """Write to `<output_dir>.partial`, then rename: a failed run leaves no finished-looking dir."""
-    partial = Path(f"{output_dir}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    jpeft.save_pretrained(adapter, partial / "adapter")
-    plot_loss(metrics["loss"], partial / "loss.png")
-    (partial / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    shutil.rmtree(output_dir, ignore_errors=True)
-    partial.rename(output_dir)
-
-
-def plot_loss(losses: list[float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("answer-token loss")
-    ax.set_title("jpeft finetune")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
