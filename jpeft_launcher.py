@@ -1,18 +1,48 @@
 """The `jpeft` command's entry point, outside the `jpeft` package so that importing it is instant.
 
-Importing `jpeft` starts JAX and takes seconds; Ctrl-C in those seconds would print a traceback
-from deep inside an import. Here it prints one line and exits with 130, as Ctrl-C does later.
+Importing `jpeft` starts JAX and takes seconds, and a KeyboardInterrupt raised in those seconds
+can crash the process (raised while jaxlib's C++ extension initialises, it segfaults) or be
+swallowed (raised in a callback JAX runs from C++). So while importing, Ctrl-C is only noted, and
+a noted Ctrl-C ends the command, in one line, once the import is done; after that it raises
+KeyboardInterrupt as usual, and `jpeft.finetune.stopping.StopSignals` takes over any note when a
+job starts.
 """
 
+import signal
 import sys
 
 
+class Interrupts:
+    """A SIGINT handler that notes the signal (`requested`), and raises KeyboardInterrupt once
+    `raising` is set."""
+
+    def __init__(self):
+        self.requested = None
+        self.raising = False
+
+    def __call__(self, signum, frame):
+        self.requested = signum
+        if self.raising:
+            raise KeyboardInterrupt
+
+
+def _hide_swallowed_interrupts(unraisable, previous=sys.unraisablehook) -> None:
+    """Python's report of an exception it could not raise, except for a (noted) Ctrl-C."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        previous(unraisable)
+
+
 def main() -> int:
-    try:
-        from jpeft.cli import main as run
-    except KeyboardInterrupt:
+    interrupts = Interrupts()
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, interrupts)
+    sys.unraisablehook = _hide_swallowed_interrupts
+    from jpeft.cli import main as run
+
+    if interrupts.requested is not None:
         print("jpeft: interrupted (Ctrl-C) while starting; nothing was done", file=sys.stderr)
         return 130
+    interrupts.raising = True
     return run()
 
 

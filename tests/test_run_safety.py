@@ -224,7 +224,8 @@ BAD_OPTIONS = [
     (("--virtual-tokens", "0"), "--virtual-tokens 0"),
     (("--checkpoint-every", "0"), "--checkpoint-every 0"),
     (("--seed", "-1"), "--seed -1"),
-    (("--lr", "0"), "--lr 0.0: the learning rate must be a finite number > 0"),
+    (("--lr", "0"), "--lr 0.0: the learning rate must be > 0"),
+    (("--lora-alpha", "inf"), "--lora-alpha inf: must be a finite number"),
     (("--lr", "nan"), "--lr nan"),
     (("--lr=-1e-3",), "--lr -0.001"),
     (("--lora-dropout", "1.5"), "--lora-dropout 1.5: must be in [0, 1)"),
@@ -323,15 +324,22 @@ def test_signals_during_training_stop_cleanly(signum, tiny_checkpoint, topic_csv
     assert not Path(f"{checkpoints}.lock").exists()
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.5, 3.0])
+@pytest.mark.parametrize("moment", ["importing", "loading", "evaluating"])
 def test_ctrl_c_while_starting_or_compiling_exits_cleanly(
-    delay, tiny_checkpoint, topic_csv, tmp_path
+    moment, tiny_checkpoint, topic_csv, tmp_path
 ):
+    """Ctrl-C while JAX is imported, the model loaded or the first evaluation compiled: one
+    line, exit code 130, nothing written (a KeyboardInterrupt raised inside jaxlib's start-up
+    crashes it, and one raised in JAX's C++ callbacks is swallowed: both must be handled)."""
     out = tmp_path / "run"
     process = start_job(job_args(tiny_checkpoint, topic_csv, out, "--steps", 100000))
-    time.sleep(delay)
+    wait_for = {"importing": None, "loading": "loading", "evaluating": "Adapter("}[moment]
+    while wait_for is not None and not process.stdout.readline().startswith(wait_for):
+        assert process.poll() is None
+    time.sleep(0.3)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err[-3000:]
-    assert "Traceback" not in err and "interrupted (Ctrl-C)" in last_line(err)
+    assert "Traceback" not in err and "Exception" not in err, err[-3000:]
+    assert "interrupted (Ctrl-C)" in last_line(err)
     assert not out.exists() and not Path(f"{out}.lock").exists()

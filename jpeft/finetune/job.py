@@ -68,6 +68,7 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
     if config.distributed:
         jpeft.sharding.initialize()
     with contextlib.ExitStack() as held, StopSignals() as signals:
+        signals.check()  # a Ctrl-C that came while starting and was swallowed
         output_dir = None
         if jax.process_index() == 0:  # the process that writes the outputs
             output_dir = check_output_dir(config.output_dir, config.overwrite)

@@ -48,8 +48,12 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in EXIT_CODES:
-                if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup'd: stays ignored
-                    self._previous[signum] = signal.signal(signum, self._handle)
+                previous = signal.getsignal(signum)
+                if previous is signal.SIG_IGN:  # nohup'd: stays ignored
+                    continue
+                # a handler that noted a signal before (the `jpeft` launcher's) passes it on
+                self.requested = self.requested or getattr(previous, "requested", None)
+                self._previous[signum] = signal.signal(signum, self._handle)
         self._previous_hook = sys.unraisablehook
         sys.unraisablehook = self._unraisable
         return self

@@ -53,7 +53,8 @@ class LowRankConfig(PeftConfig):
     """Behaviour the low-rank family's configs share; each subclass declares PEFT's own fields
     (`r`, the alpha field named `ALPHA_FIELD`, `rank_pattern`, `alpha_pattern`, targeting)."""
 
-    ALPHA_FIELD: ClassVar[str] = "alpha"
+    # The alpha field's name; None for a method without one (HRA).
+    ALPHA_FIELD: ClassVar[str | None] = "alpha"
     # A dropout-like field that must lie in [0, 1): the names the subclass has.
     DROPOUT_FIELDS: ClassVar[tuple[str, ...]] = ()
 
@@ -244,7 +245,7 @@ class LowRankMethod(WeightMethod):
             r=job.r,
             target_modules=targets,
             layers_to_transform=job.train_layers,
-            **{self.config_class.ALPHA_FIELD: job.lora_alpha},
+            **alpha_field(self.config_class, job.lora_alpha),
             **job.common,
         )
         fields.update(self.job_fields(job))
@@ -253,6 +254,11 @@ class LowRankMethod(WeightMethod):
     def job_fields(self, job: JobSpec) -> dict[str, Any]:
         """Config fields this method sets for `jpeft finetune` beyond the shared ones."""
         return {}
+
+
+def alpha_field(config_class: type[LowRankConfig], alpha: float) -> dict[str, float]:
+    """`{ALPHA_FIELD: alpha}` for the job's config, {} for a method without an alpha (HRA)."""
+    return {config_class.ALPHA_FIELD: alpha} if config_class.ALPHA_FIELD else {}
 
 
 def kaiming_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
