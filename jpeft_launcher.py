@@ -5,11 +5,15 @@ can crash the process (raised while jaxlib's C++ extension initialises, it segfa
 swallowed (raised in a callback JAX runs from C++). So while importing, Ctrl-C is only noted, and
 a noted Ctrl-C ends the command, in one line, once the import is done; after that it raises
 KeyboardInterrupt as usual, and `jpeft.finetune.stopping.StopSignals` takes over any note when a
-job starts.
+job starts. A command stopped by a signal exits without the interpreter's teardown, which can
+crash while JAX's threads are still busy (the job has finished writing and closed its files).
 """
 
+import os
 import signal
 import sys
+
+STOPPED_BY_SIGNAL = (130, 143)  # the exit codes of `jpeft` after Ctrl-C and SIGTERM
 
 
 class Interrupts:
@@ -43,7 +47,12 @@ def main() -> int:
         print("jpeft: interrupted (Ctrl-C) while starting; nothing was done", file=sys.stderr)
         return 130
     interrupts.raising = True
-    return run()
+    code = run()
+    if code in STOPPED_BY_SIGNAL:  # JAX's threads may be mid-work: skip the interpreter's
+        sys.stdout.flush()  # teardown, which can then crash (the run has closed its files)
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
