@@ -38,7 +38,13 @@ import jax.numpy as jnp
 
 from jpeft.config import FrozenMap
 from jpeft.method import JobOptionError, Pieces, register
-from jpeft.methods.low_rank import LowRankConfig, LowRankMethod, kaiming_uniform
+from jpeft.methods.low_rank import (
+    LowRankConfig,
+    LowRankMethod,
+    check_bias,
+    check_regex_targets,
+    kaiming_uniform,
+)
 from jpeft.methods.lycoris import refuse_quantized
 from jpeft.ops import dense
 
@@ -66,14 +72,8 @@ class HRAConfig(LowRankConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
-        if self.bias not in ("none", "all", "hra_only"):
-            raise ValueError(
-                f"HRAConfig.bias must be 'none', 'all' or 'hra_only', got {self.bias!r}"
-            )
+        check_regex_targets(self)
+        check_bias(self, "hra_only")
 
 
 def unit_columns(u: jax.Array) -> jax.Array:

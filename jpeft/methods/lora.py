@@ -27,7 +27,13 @@ from jpeft import tree as jtree
 from jpeft.adapter import Adapter
 from jpeft.method import register
 from jpeft.methods.lora_ops import lora_embed, lora_linear
-from jpeft.methods.low_rank import LowRankConfig, LowRankMethod, kaiming_uniform
+from jpeft.methods.low_rank import (
+    LowRankConfig,
+    LowRankMethod,
+    check_bias,
+    check_regex_targets,
+    kaiming_uniform,
+)
 from jpeft.ops import as_array, dense
 from jpeft.quant import QuantizedTensor
 
@@ -86,14 +92,8 @@ class LoraConfig(LowRankConfig):
     def validate(self) -> None:
         super().validate()
         # LoRA's (and AdaLoRA's) checks; PEFT's LyCORIS configs accept both and ignore the layers
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(
-                f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"
-            )
+        check_regex_targets(self)
+        check_bias(self, "lora_only")
         init = self.init_lora_weights
         if not (init in SIMPLE_INITS or init in RESIDUAL_INITS or _pissa_niter(init) is not None):
             raise ValueError(

@@ -91,6 +91,23 @@ class LowRankConfig(PeftConfig):
         )
 
 
+def check_regex_targets(config: LowRankConfig) -> None:
+    """PEFT's rule for LoRA-like configs: a regex `target_modules` (a str) takes neither
+    `layers_to_transform` nor `layers_pattern` (PEFT's messages)."""
+    if isinstance(config.target_modules, str) and config.layers_to_transform is not None:
+        raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+    if isinstance(config.target_modules, str) and config.layers_pattern is not None:
+        raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+
+
+def check_bias(config: LowRankConfig, only: str) -> None:
+    """`bias` is "none", "all" or the method's own `only` value ("lora_only", "hra_only", ...)."""
+    if config.bias not in ("none", "all", only):
+        raise ValueError(
+            f"{type(config).__name__}.bias must be 'none', 'all' or {only!r}, got {config.bias!r}"
+        )
+
+
 def check_pattern_keys(config_name: str, field: str, patterns: Mapping[str, Any] | None) -> None:
     """ValueError naming the key when a `rank_pattern` / `alpha_pattern` key is not a regex (PEFT
     matches them as `(.*\\.)?(key)$`)."""

@@ -30,7 +30,14 @@ import jax.numpy as jnp
 
 from jpeft.config import FrozenMap
 from jpeft.method import Pieces, register
-from jpeft.methods.low_rank import ANY, LowRankConfig, LowRankMethod, kaiming_uniform
+from jpeft.methods.low_rank import (
+    ANY,
+    LowRankConfig,
+    LowRankMethod,
+    check_bias,
+    check_regex_targets,
+    kaiming_uniform,
+)
 from jpeft.ops import as_array, dense
 
 BLOCK = "miss_block"
@@ -60,14 +67,8 @@ class MissConfig(LowRankConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
-        if self.bias not in ("none", "all", "MiSS_only"):
-            raise ValueError(
-                f"MissConfig.bias must be 'none', 'all' or 'MiSS_only', got {self.bias!r}"
-            )
+        check_regex_targets(self)
+        check_bias(self, "MiSS_only")
         if self.init_weights not in INITS:
             raise ValueError(
                 f"MissConfig.init_weights must be True, False, 'bat' or 'mini', got "
