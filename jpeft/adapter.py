@@ -4,7 +4,8 @@ An adapter stores its arrays the way PEFT names them, per Hugging Face module:
 
     adapter.weights    {"model.layers.0.self_attn.q_proj": {"lora_A.weight": [r, in], ...}}
     adapter.overrides  {"lm_head.weight": [vocab, dim], "model.layers.0.mlp.up_proj.bias": [out]}
-    adapter.frozen     {module: {piece: array}}: non-trainable state (PiSSA's initial factors)
+    adapter.frozen     {module: {piece: array}}: non-trainable state (PiSSA's initial factors);
+                       under `SHARED` the state every module's node sees (VeRA's projections)
     adapter.config     the method's config: static, hashable
 
 `weights` and `overrides` are trainable; `overrides` replace base leaves (PEFT's `modules_to_save`
@@ -58,6 +59,9 @@ jax.tree_util.register_dataclass(
 
 # The `weights` key of a prompt-learning adapter's encoder (PEFT's `prompt_encoder` module).
 PROMPT_ENCODER = "prompt_encoder"
+# The `frozen` key of state shared by every adapted module (VeRA's `vera_A` / `vera_B`, which
+# PEFT keeps once on the tuner, `base_model.vera_A`): each node gets it with its own frozen pieces.
+SHARED = "base_model"
 
 
 @jax.tree_util.register_pytree_with_keys_class

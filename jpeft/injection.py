@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import tree as jtree
-from jpeft.adapter import Adapter, Prompt
+from jpeft.adapter import SHARED, Adapter, Prompt
 from jpeft.config import PeftConfig
 from jpeft.method import WeightMethod, method_for
 from jpeft.ops import AdaptedWeight
@@ -139,6 +139,7 @@ def _group_by_tree_path(params, weights) -> dict[str, dict[int | None, str]]:
 
 def _make_node(method: WeightMethod, adapter: Adapter, base, layer_names, num_layers, dropout_key):
     config = adapter.config
+    shared = adapter.frozen.get(SHARED, {})  # not stacked: the same arrays for every layer
     if num_layers is None:
         name = layer_names[None]
         pieces = adapter.weights[name]
@@ -146,9 +147,8 @@ def _make_node(method: WeightMethod, adapter: Adapter, base, layer_names, num_la
         constants = {
             k: jnp.float32(v) for k, v in method.module_constants(config, name, pieces).items()
         }
-        return method.make_node(
-            base, pieces, adapter.frozen.get(name, {}), constants, None, dropout_key, config
-        )
+        frozen = {**shared, **adapter.frozen.get(name, {})}
+        return method.make_node(base, pieces, frozen, constants, None, dropout_key, config)
     for layer, name in layer_names.items():
         if not 0 <= layer < num_layers:
             raise ValueError(
@@ -157,7 +157,7 @@ def _make_node(method: WeightMethod, adapter: Adapter, base, layer_names, num_la
             )
         method.check_shapes(config, name, jtree.leaf_shape(base)[1:], adapter.weights[name])
     pieces = _stack_layers(adapter.weights, layer_names, num_layers)
-    frozen = _stack_layers(adapter.frozen, layer_names, num_layers)
+    frozen = {**shared, **_stack_layers(adapter.frozen, layer_names, num_layers)}
     constants = _stack_constants(method, config, adapter.weights, layer_names, num_layers)
     active = np.zeros(num_layers, bool)
     active[list(layer_names)] = True
@@ -259,11 +259,18 @@ def merge(
 
 def unmerge(merged: Mapping[str, Any], adapter: Adapter) -> dict[str, Any]:
     """Undo `merge` for methods whose merge is invertible (LoRA, IA3): the original weights.
+    A method whose merge swaps in its own copies (LN tuning) refuses.
 
     Overrides (modules_to_save, trained biases) cannot be undone from merged params alone and
     are left as they are.
     """
     _check_mergeable(adapter, "unmerge")
+    if not method_for(adapter.config).merge_is_invertible:
+        raise ValueError(
+            f"cannot unmerge a {adapter.config.peft_type} adapter: its merge replaces base "
+            "weights by the adapter's trained copies, so the merged params no longer hold the "
+            "originals; keep the params you merged into (jpeft.merge leaves them as they were)"
+        )
     injected = inject(merged, adapter.replace(overrides={}))
     return _map_modules(injected, "unmerged_weight", "unmerged_bias")
 

@@ -135,6 +135,9 @@ class WeightMethod(Method):
     """
 
     piece_names: ClassVar[tuple[str, ...]] = ()
+    # Whether `jpeft.unmerge` can give back the base weights from merged params; False for a
+    # method whose merge replaces base leaves by its trained copies (LN tuning): unmerge refuses.
+    merge_is_invertible: ClassVar[bool] = True
 
     @abstractmethod
     def make_node(

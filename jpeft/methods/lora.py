@@ -22,10 +22,12 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpeft import tree as jtree
 from jpeft.adapter import Adapter
 from jpeft.method import register
+from jpeft.methods import trainable_tokens as tokens
 from jpeft.methods.lora_ops import lora_embed, lora_linear
 from jpeft.methods.low_rank import (
     LowRankConfig,
@@ -69,6 +71,7 @@ class LoraConfig(LowRankConfig):
     megatron_core: str | None = "megatron.core"
     loftq_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     qalora_group_size: int = 16
+    trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
         "lora_bias": False,
@@ -84,7 +87,6 @@ class LoraConfig(LowRankConfig):
         "megatron_config": None,
         "monteclora_config": None,
         "target_parameters": None,
-        "trainable_token_indices": None,
         "use_bdlora": None,
         "velora_config": None,
     }
@@ -94,6 +96,7 @@ class LoraConfig(LowRankConfig):
         # LoRA's (and AdaLoRA's) checks; PEFT's LyCORIS configs accept both and ignore the layers
         check_regex_targets(self)
         check_bias(self, "lora_only")
+        tokens.check_lora_token_indices(self.trainable_token_indices)
         init = self.init_lora_weights
         if not (init in SIMPLE_INITS or init in RESIDUAL_INITS or _pissa_niter(init) is not None):
             raise ValueError(
@@ -324,8 +327,10 @@ def to_saved(adapter: Adapter) -> Adapter:
         return adapter
     weights = {}
     for module, pieces in adapter.weights.items():
-        start = adapter.frozen[module]
         weights[module] = dict(pieces)
+        if tokens.LORA_ROWS_KEY in pieces:
+            continue
+        start = adapter.frozen[module]
         weights[module][A_KEY] = jnp.concatenate([pieces[A_KEY], start[A_KEY]], axis=0)
         weights[module][B_KEY] = jnp.concatenate([pieces[B_KEY], -start[B_KEY]], axis=1)
     alpha_factor = 2**0.5 if config.use_rslora else 2
@@ -352,7 +357,8 @@ def from_saved(adapter: Adapter, params, source: str) -> Adapter:
             "it as PEFT does, or save from PEFT with path_initial_model_for_weight_conversion to "
             "get a plain LoRA"
         )
-    return adapter.replace(frozen=frozen_start(params, config, list(adapter.weights)))
+    low_rank = [name for name, pieces in adapter.weights.items() if A_KEY in pieces]
+    return adapter.replace(frozen=frozen_start(params, config, low_rank))
 
 
 def is_embedding(pieces) -> bool:
@@ -370,15 +376,23 @@ class Lora(LowRankMethod):
     default_lr = 2e-3
     job_help = "LoRA, r=--r, alpha=--lora-alpha, all-linear on the top layers"
     module_kinds = ("linear", "embedding")
-    piece_names = (A_KEY, B_KEY, MAG_KEY, EMB_A_KEY, EMB_B_KEY)
-    # A [r, in], B [out, r], magnitude [out]; on a table [vocab, dim]: A [r, vocab], B [dim, r]
+    piece_names = (A_KEY, B_KEY, MAG_KEY, EMB_A_KEY, EMB_B_KEY, tokens.LORA_ROWS_KEY)
+    # A [r, in], B [out, r], magnitude [out]; on a table [vocab, dim]: A [r, vocab], B [dim, r];
+    # trainable token rows [n, dim]
     piece_axes = {
         A_KEY: (None, 1),
         B_KEY: (0, None),
         MAG_KEY: (0,),
         EMB_A_KEY: (None, 0),
         EMB_B_KEY: (1, None),
+        tokens.LORA_ROWS_KEY: (None, 1),
     }
+
+    def init_adapter(self, params, config: LoraConfig, key, model=None) -> Adapter:
+        """LoRA's pieces, and the rows of `trainable_token_indices` (see
+        `jpeft.methods.trainable_tokens`)."""
+        adapter = super().init_adapter(params, config, key, model)
+        return tokens.add_lora_token_rows(adapter, params, config.trainable_token_indices)
 
     def init_module(self, config: LoraConfig, ref, weight, key):
         if ref.kind == "embedding":
@@ -404,9 +418,29 @@ class Lora(LowRankMethod):
             shapes[MAG_KEY] = (out_dim,)
         return shapes
 
+    def check_shapes(self, config, module: str, base_shape: tuple[int, ...], pieces) -> None:
+        if tokens.LORA_ROWS_KEY in pieces:
+            ids = tokens.lora_token_ids(config.trainable_token_indices, module)
+            tokens.check_token_range(module, ids, base_shape)
+            rows = np.shape(pieces[tokens.LORA_ROWS_KEY])
+            tokens.check_rows(module, rows, len(ids), base_shape[1], "")
+            return
+        super().check_shapes(config, module, base_shape, pieces)
+
     def check_file_pieces(self, config, module: str, pieces, source: str) -> None:
         """`use_dora` against the magnitude vectors (PEFT builds them from the config alone),
-        then the pieces and ranks (see `LowRankMethod.check_file_pieces`)."""
+        then the pieces and ranks (see `LowRankMethod.check_file_pieces`); token rows against
+        `trainable_token_indices`."""
+        if tokens.LORA_ROWS_KEY in pieces:
+            if len(pieces) > 1:
+                raise ValueError(
+                    f"{source}: {module} holds LoRA pieces and trainable token rows "
+                    f"({sorted(pieces)}); PEFT puts them on different modules"
+                )
+            ids = tokens.lora_token_ids(config.trainable_token_indices, module)
+            rows = np.shape(pieces[tokens.LORA_ROWS_KEY])
+            tokens.check_rows(module, rows, len(ids), None, f"{source}: ")
+            return
         if is_embedding(pieces) and MAG_KEY in pieces:
             raise ValueError(
                 f"{source}: {module} is an embedding with a {MAG_KEY}: DoRA on embedding layers "
@@ -422,6 +456,8 @@ class Lora(LowRankMethod):
         super().check_file_pieces(config, module, pieces, source)
 
     def make_node(self, base, pieces, frozen, constants, active, dropout_key, config):
+        if tokens.LORA_ROWS_KEY in pieces:
+            return tokens.make_token_node(base, pieces[tokens.LORA_ROWS_KEY], frozen)
         scaling = constants.get("scaling", jnp.float32(0.0))
         if EMB_A_KEY in pieces:
             return LoraEmbedding(base, pieces[EMB_A_KEY], pieces[EMB_B_KEY], scaling)
@@ -443,7 +479,8 @@ class Lora(LowRankMethod):
         return super().to_file(to_saved(adapter))
 
     def from_file(self, config, tensors, params, source: str) -> Adapter:
-        return from_saved(super().from_file(config, tensors, params, source), params, source)
+        adapter = from_saved(super().from_file(config, tensors, params, source), params, source)
+        return tokens.token_frozen_for_file(adapter, params, config.trainable_token_indices)
 
     def job_fields(self, job) -> dict:
         return {"lora_dropout": job.lora_dropout}

@@ -55,6 +55,8 @@ class LowRankConfig(PeftConfig):
 
     # The alpha field's name; None for a method without one (HRA).
     ALPHA_FIELD: ClassVar[str | None] = "alpha"
+    # The field `jpeft finetune --r` sets ("r"; BOFT's is its block size).
+    RANK_FIELD: ClassVar[str] = "r"
     # A dropout-like field that must lie in [0, 1): the names the subclass has.
     DROPOUT_FIELDS: ClassVar[tuple[str, ...]] = ()
 
@@ -248,8 +250,8 @@ class LowRankMethod(WeightMethod):
                 )
 
     def job_config(self, job: JobSpec) -> PeftConfig:
-        """r and alpha from `--r`/`--lora-alpha`; all-linear (or `--target-modules`) on the
-        job's top layers; plus `job_fields`."""
+        """r (`RANK_FIELD`) and alpha from `--r`/`--lora-alpha`; all-linear (or
+        `--target-modules`) on the job's top layers; plus `job_fields`."""
         targets = job.target_modules or "all-linear"
         if job.train_layers and targets == "all-linear":
             targets = list(LINEAR_NAMES)
@@ -259,7 +261,7 @@ class LowRankMethod(WeightMethod):
                 "names; add --train-layers 0 (PEFT's layers_to_transform needs a list of names)"
             )
         fields = dict(
-            r=job.r,
+            {self.config_class.RANK_FIELD: job.r},
             target_modules=targets,
             layers_to_transform=job.train_layers,
             **alpha_field(self.config_class, job.lora_alpha),
