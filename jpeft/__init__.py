@@ -11,6 +11,7 @@ from jpeft.method import PromptMethod, WeightMethod, register, registered
 from jpeft.peft_format import load_pretrained, save_pretrained
 from jpeft.train import optax_mask, trainable_mask
 from jpeft.tree import combine
+from jpeft.weighted_adapter import add_weighted_adapter
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "Adapter",
     "PromptMethod",
     "WeightMethod",
+    "add_weighted_adapter",
     "checkpoint",
     "combine",
     "init_adapter",

@@ -1,4 +1,5 @@
-"""The fused 4-bit Pallas kernels, in Pallas' interpreter, against dequantize-then-dot."""
+"""The fused 4-bit Pallas kernels against dequantize-then-dot: compiled on a GPU, in Pallas'
+interpreter elsewhere (CPU; Mosaic on TPU has not compiled them yet)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from jpeft import quant
 from jpeft.quant import codebooks, kernels
 
 F32, BF16 = jnp.float32, jnp.bfloat16
+INTERPRET = jax.default_backend() != "gpu"
 # (quant_type, blocksize, double_quant, m, n, k, dtype). m = 5 and 80 pad the rows to a tile;
 # n = 256 has two N tiles; k = 512 and 768 take two and three K tiles; blocksize 512 spans K tiles.
 CASES = [
@@ -64,8 +66,8 @@ def test_kernels_match_dequantize_then_dot(case):
     x = _normal((m, k), dtype, seed=1)
     g = _normal((m, n), dtype, seed=2)
 
-    y = kernels.fused_matmul(x, packed, scales, code, blocksize, interpret=True)
-    dx = kernels.fused_matmul_transposed(g, packed, scales, code, blocksize, interpret=True)
+    y = kernels.fused_matmul(x, packed, scales, code, blocksize, interpret=INTERPRET)
+    dx = kernels.fused_matmul_transposed(g, packed, scales, code, blocksize, interpret=INTERPRET)
 
     _assert_close(y, jnp.dot(x, w.T, preferred_element_type=F32).astype(dtype), dtype)
     _assert_close(dx, jnp.dot(g, w, preferred_element_type=F32).astype(dtype), dtype)
@@ -77,7 +79,7 @@ def test_swapped_nibbles_fail_the_comparison():
     q, packed, scales = _operands("nf4", 64, False, 256, 512)
     x = _normal((5, 512), seed=1)
     swapped = (packed << 4) | (packed >> 4)
-    y = kernels.fused_matmul(x, swapped, scales, codebooks.CODES["nf4"], 64, interpret=True)
+    y = kernels.fused_matmul(x, swapped, scales, codebooks.CODES["nf4"], 64, interpret=INTERPRET)
     with pytest.raises(AssertionError):
         _assert_close(y, x @ quant.dequantize(q, F32).T, F32)
 
@@ -97,10 +99,10 @@ def test_unsupported_shapes_and_traced_codebooks_are_refused():
     code = codebooks.CODES["nf4"]
     x = jnp.ones((4, 512), F32)
     with pytest.raises(ValueError, match="scales has shape"):
-        kernels.fused_matmul(x, packed, scales[:, :2], code, 64, interpret=True)
+        kernels.fused_matmul(x, packed, scales[:, :2], code, 64, interpret=INTERPRET)
     with pytest.raises(ValueError, match="kernels.supports"):
         kernels.fused_matmul_transposed(
-            jnp.ones((4, 64), F32), packed[:64], scales[:64], code, 64, interpret=True
+            jnp.ones((4, 64), F32), packed[:64], scales[:64], code, 64, interpret=INTERPRET
         )
     with pytest.raises(TypeError, match="concrete"):
-        jax.jit(lambda c: kernels.fused_matmul(x, packed, scales, c, 64, interpret=True))(code)
+        jax.jit(lambda c: kernels.fused_matmul(x, packed, scales, c, 64, interpret=INTERPRET))(code)

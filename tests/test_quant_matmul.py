@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jpeft.quant import dequantize, kernels, quantize, quantized_matmul
+from jpeft.quant import matmul as quant_matmul
 from jpeft.quant.matmul import ENV_VAR
 
 OUT, IN = 128, 256  # shapes the Pallas kernels take
@@ -109,3 +110,14 @@ def test_bad_operands_are_refused(weight, monkeypatch):
     monkeypatch.setenv(ENV_VAR, "fast")
     with pytest.raises(ValueError, match=f"{ENV_VAR}='fast'"):
         quantized_matmul(jnp.ones((2, IN)), weight)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_auto_is_the_plain_path_on_every_backend(monkeypatch, backend):
+    """On an H200 the kernels ran a QLoRA step 7.4x slower than the plain path and failed on
+    float32 tiles (benchmarks/gpu_kernels.py), and no TPU has compiled them: opt-in only."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert quant_matmul._resolve("auto") == "reference"
+    monkeypatch.setenv(ENV_VAR, "pallas")
+    assert quant_matmul._resolve("auto") == "pallas"

@@ -10,10 +10,10 @@ linear `W` [out, in] with `n = n_frequency` trainable coefficients `spectrum` [n
 
 The positions (rows, cols) are not saved: PEFT draws them as
 `torch.randperm(out * in, generator=torch.Generator().manual_seed(random_loc_seed))[:n]`
-(`rows = perm // in`, `cols = perm % in`). `torch_randperm_prefix` reproduces torch's CPU randperm
-bit for bit (mt19937 seeded by `init_genrand`, forward Fisher-Yates with `random() % (N - i)`);
-torch switches to another algorithm (64-bit draws, "inside-out" shuffle) for
-N >= (2**32 - 1) // 20, so layers that large are refused rather than given other positions.
+(`rows = perm // in`, `cols = perm % in`). `torch_random.randperm_prefix` reproduces torch's
+CPU randperm bit for bit (mt19937 seeded by `init_genrand`, forward Fisher-Yates with
+`random() % (N - i)`); torch switches to another algorithm (64-bit draws, "inside-out" shuffle)
+for N >= (2**32 - 1) // 20, so layers that large are refused rather than given other positions.
 
 PEFT forms dW with one ifft2 per call; so does jpeft, and the node runs `x (W + dW)^T` as one
 float32 matmul like LoHa's. The exact alternative, dW = (C_out S C_in^T - S_out S S_in^T) / (out in)
@@ -45,6 +45,7 @@ import numpy as np
 
 from jpeft.config import FrozenMap
 from jpeft.method import JobOptionError, JobSpec, Pieces, register
+from jpeft.methods import torch_random
 from jpeft.methods.low_rank import (
     LINEAR_NAMES,
     LowRankConfig,
@@ -57,8 +58,6 @@ from jpeft.methods.lycoris import LycorisNode
 from jpeft.quant import QuantizedTensor
 
 SPECTRUM = "fourierft_spectrum"
-# torch's randperm_cpu uses 32-bit draws and a forward Fisher-Yates below this size only.
-RANDPERM_32BIT_LIMIT = (2**32 - 1) // 20
 # The job's n_frequency per unit of `--r`: the job's default r=16 gives 1024, PEFT's 1000 scale.
 JOB_FREQUENCIES_PER_RANK = 64
 
@@ -126,39 +125,12 @@ class FourierFTConfig(LowRankConfig):
         return f"n_frequency_pattern[{key!r}]={self.n_frequency_pattern[key]}"
 
 
-def torch_randperm_prefix(size: int, seed: int, count: int) -> np.ndarray:
-    """`torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count]` (CPU), as
-    int64, for size < RANDPERM_32BIT_LIMIT.
-
-    torch's CPU generator is mt19937 seeded with the seed's low 32 bits (`init_genrand`), as
-    numpy's legacy seeding; randperm then swaps r[i] with r[i + random() % (size - i)] for
-    i = 0 .. size - 2. Entry i is final after step i, so only the first `count` draws are made and
-    the swaps are tracked sparsely: O(count), not O(size).
-    """
-    if size >= RANDPERM_32BIT_LIMIT:
-        raise ValueError(f"torch_randperm_prefix covers size < {RANDPERM_32BIT_LIMIT}, got {size}")
-    generator = np.random.MT19937()
-    generator._legacy_seeding(seed & 0xFFFFFFFF)
-    count = min(count, size)
-    steps = min(count, size - 1)
-    offsets = generator.random_raw(steps) % (size - np.arange(steps, dtype=np.uint64))
-    moved: dict[int, int] = {}
-    out = np.empty(count, np.int64)
-    for i, offset in enumerate(offsets.tolist()):
-        j = i + offset
-        out[i] = moved.get(j, j)
-        moved[j] = moved.get(i, i)
-    if steps < count:  # the last entry of a full permutation: never swapped out again
-        out[steps] = moved.get(steps, steps)
-    return out
-
-
 @functools.lru_cache(maxsize=64)
 def frequency_positions(
     out_dim: int, in_dim: int, seed: int, count: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) [count] of PEFT's spectral entries for a weight [out_dim, in_dim]."""
-    perm = torch_randperm_prefix(out_dim * in_dim, seed, count)
+    perm = torch_random.randperm_prefix(out_dim * in_dim, seed, count)
     return perm // in_dim, perm % in_dim
 
 
@@ -172,11 +144,11 @@ def check_layer(config: FourierFTConfig, module: str, base_shape: tuple[int, ...
             f"{module}: {config.rank_origin(module)} exceeds the {size} entries of its weight "
             f"of shape {tuple(base_shape)}; lower it (n_frequency_pattern sets it per module)"
         )
-    if size >= RANDPERM_32BIT_LIMIT:
+    if size >= torch_random.RANDPERM_32BIT_LIMIT:
         raise ValueError(
             f"{module}: its weight of shape {tuple(base_shape)} has {size} >= "
-            f"{RANDPERM_32BIT_LIMIT} entries, for which torch's randperm (PEFT's frequency "
-            "positions) uses an algorithm jpeft does not reproduce; leave this module out"
+            f"{torch_random.RANDPERM_32BIT_LIMIT} entries, for which torch's randperm (PEFT's "
+            "frequency positions) uses an algorithm jpeft does not reproduce; leave this module out"
         )
 
 

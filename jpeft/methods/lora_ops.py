@@ -22,8 +22,9 @@ from jpeft.ops import as_array, dense, dense_transposed
 LoraWeight = LoraEmbedding = Any
 
 
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout; identity when `key` is None (inference) or `rate` is 0."""
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout (torch's nn.Dropout); identity when `key` is None (inference) or `rate`
+    is 0."""
     if key is None or rate == 0.0:
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
@@ -66,7 +67,7 @@ _factored_lora.defvjp(_factored_lora_fwd, _factored_lora_bwd)
 def lora_linear(x: jax.Array, w: LoraWeight, bias: jax.Array | None) -> jax.Array:
     """`x` [..., in] -> [..., out] for a LoRA/DoRA-adapted weight (one layer's slice)."""
     scaling = jnp.asarray(w.scaling, x.dtype)
-    xd = _dropout(x, w.dropout_rate, w.dropout_key)
+    xd = dropout(x, w.dropout_rate, w.dropout_key)
     if w.magnitude is None and w.init_A is None:
         out = _factored_lora(x, xd, w.base, w.lora_A, w.lora_B, scaling)
         return out if bias is None else out + bias.astype(out.dtype)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from jpeft.config import FrozenMap
 from jpeft.method import Pieces, register
+from jpeft.methods.lora_ops import dropout
 from jpeft.methods.low_rank import (
     ANY,
     LowRankConfig,
@@ -107,14 +108,6 @@ def chunk_sum(x: jax.Array, rank: int) -> jax.Array:
     padding = -x.shape[-1] % rank
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padding)])
     return x.reshape(*x.shape[:-1], -1, rank).sum(axis=-2)
-
-
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout (torch's nn.Dropout); identity without a key or at rate 0."""
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
 
 
 def bat_blocks(weight: jax.Array, rank: int) -> jax.Array:

@@ -15,8 +15,8 @@ or with `init_weights=False` ones and N(0, 1).
 
 The projections are drawn as PEFT draws them: `torch.Generator().manual_seed(projection_prng_key)`,
 kaiming-uniform with gain sqrt(2), i.e. U(+-sqrt(6 / fan_in)) with fan_in the second dim, vera_A
-first, then vera_B. `torch_kaiming_uniform` reproduces torch's CPU stream bit for bit (mt19937,
-24 random bits per float32, the scaling fused into one rounding as torch's FMA-built CPU
+first, then vera_B. `torch_random.kaiming_uniform` reproduces torch's CPU stream bit for bit
+(mt19937, 24 random bits per float32, the scaling fused into one rounding as torch's FMA-built CPU
 kernels do), so a file saved with `save_projection=False` is read by regenerating them, as PEFT
 does (with its warning: a torch build without FMA rounds differently). jpeft keeps them once, under
 `adapter.frozen[SHARED]`, and saves them as PEFT does: `base_model.vera_A` / `base_model.vera_B`
@@ -32,7 +32,6 @@ over the layer axis, which the layer scan slices.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -45,7 +44,8 @@ from jpeft import tree as jtree
 from jpeft.adapter import SHARED, Adapter
 from jpeft.config import FrozenMap
 from jpeft.method import JobSpec, Pieces, register
-from jpeft.methods.lora_ops import _dropout
+from jpeft.methods import torch_random
+from jpeft.methods.lora_ops import dropout
 from jpeft.methods.low_rank import LowRankConfig, LowRankMethod, check_bias
 from jpeft.ops import dense
 
@@ -92,39 +92,12 @@ class VeraConfig(LowRankConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# the projections, as torch draws them
-
-
-def mt19937_state(seed: int) -> np.ndarray:
-    """[624] uint32: the mt19937 state `torch.Generator().manual_seed(seed)` starts from (its low
-    32 bits seed the standard `init_genrand`)."""
-    state = [seed & 0xFFFFFFFF]
-    for index in range(1, 624):
-        previous = state[-1]
-        state.append((1812433253 * (previous ^ (previous >> 30)) + index) & 0xFFFFFFFF)
-    return np.asarray(state, np.uint32)
-
-
-def torch_kaiming_uniform(seed: int, shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """float32 arrays of `shapes` drawn one after another, as PEFT's `_kaiming_init` draws them
-    from `torch.Generator().manual_seed(seed)` on the CPU: each float takes one 32-bit mt19937
-    output, keeps its low 24 bits as u = bits / 2**24, and is `u * (to - from) + from` rounded
-    once (torch's CPU kernel, built with FMA), for the bound sqrt(3) * sqrt(2) / sqrt(fan_in)."""
-    stream = np.random.RandomState()
-    stream.set_state(("MT19937", mt19937_state(seed), 624))
-    drawn = []
-    for shape in shapes:
-        bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))
-        low, high = np.float32(-bound), np.float32(bound)
-        bits = stream.randint(0, 2**32, size=shape, dtype=np.uint32)
-        unit = (bits & 0xFFFFFF).astype(np.float64) * 2.0**-24
-        drawn.append((unit * np.float64(high - low) + np.float64(low)).astype(np.float32))
-    return drawn
+# the projections, as torch draws them (`jpeft.methods.torch_random`)
 
 
 def projections(config: VeraConfig, max_out: int, max_in: int) -> dict[str, np.ndarray]:
     """PEFT's shared projections: vera_A [r, max_in], then vera_B [max_out, r]."""
-    vera_a, vera_b = torch_kaiming_uniform(
+    vera_a, vera_b = torch_random.kaiming_uniform(
         config.projection_prng_key, [(config.r, max_in), (max_out, config.r)]
     )
     return {VERA_A: vera_a, VERA_B: vera_b}
@@ -172,7 +145,7 @@ class VeraWeight:
         lambda_b * ((lambda_d * (dropout(x) A^T)) B^T), summed in float32 and cast back."""
         f32 = jnp.float32
         y = dense(x, self.base, bias)
-        h = dense(_dropout(x.astype(f32), self.dropout_rate, self.dropout_key), self.vera_A)
+        h = dense(dropout(x.astype(f32), self.dropout_rate, self.dropout_key), self.vera_A)
         change = dense(h * self.lambda_d.astype(f32), self.vera_B) * self.lambda_b.astype(f32)
         return (y.astype(f32) + change).astype(y.dtype)
 

@@ -11,11 +11,11 @@ Two implementations compute the same thing:
 - `"reference"`: plain jnp (dequantize to the compute dtype, then one dot), on every backend;
 - `"pallas"`: the fused kernels of `jpeft.quant.kernels`, which never write the float weight
   to memory; `"interpret"` runs them in Pallas' interpreter (CPU tests).
-`"auto"` (the default) takes Pallas on GPU where the kernels support the shapes (`"pallas"`
-falls back to the reference for shapes they do not), and the reference elsewhere. On TPU the
-kernels are opt-in (`"pallas"`) until they have been compiled by Mosaic on a TPU; they are
-checked in interpret mode only so far. The environment variable `JPEFT_QUANT_MATMUL` replaces
-`"auto"` with a fixed choice, e.g. `JPEFT_QUANT_MATMUL=reference` to rule out a kernel problem.
+`"auto"` (the default) is the reference on every backend. The kernels are opt-in (`"pallas"`,
+which falls back to the reference for shapes they do not support): compiled on an H200 (JAX 0.11,
+`benchmarks/gpu_kernels.py`), their tiles for a 4096-wide input asked for more shared memory than
+the GPU has, and they have not been compiled by Mosaic on a TPU. The environment variable
+`JPEFT_QUANT_MATMUL` replaces `"auto"` with a fixed choice (`JPEFT_QUANT_MATMUL=pallas`).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _resolve(impl: str) -> str:
         raise ValueError(f"{ENV_VAR}={chosen!r}; use one of {IMPLEMENTATIONS}")
     if chosen != "auto":
         return chosen
-    return "pallas" if jax.default_backend() in _GPUS else "reference"
+    return "reference"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

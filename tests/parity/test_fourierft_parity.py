@@ -23,13 +23,9 @@ from test_loha_parity import (
 )
 
 import jpeft
-from jpeft.methods.fourierft import (
-    RANDPERM_32BIT_LIMIT,
-    SPECTRUM,
-    check_layer,
-    frequency_positions,
-    torch_randperm_prefix,
-)
+from jpeft.methods.fourierft import SPECTRUM, check_layer, frequency_positions
+from jpeft.methods.torch_random import RANDPERM_32BIT_LIMIT
+from jpeft.methods.torch_random import randperm_prefix as torch_randperm_prefix
 from jpeft.quant import quantize_params
 
 # Tiny bases: q/o 32x32, k/v 16x32, gate/up 48x32, down 32x48 (so n_frequency <= 512 for k/v).

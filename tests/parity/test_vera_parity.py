@@ -26,7 +26,7 @@ from test_loha_parity import TOL, WEIGHTS, Base
 
 import jpeft
 from jpeft.adapter import SHARED
-from jpeft.methods.vera import torch_kaiming_uniform
+from jpeft.methods.torch_random import kaiming_uniform as torch_kaiming_uniform
 from jpeft.ops import dense
 from jpeft.quant import quantize_params
 
