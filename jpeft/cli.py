@@ -118,6 +118,9 @@ def generate_parser(sub) -> None:
     parser.add_argument("prompt", help="the user message (the chat template is applied if any)")
     parser.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2)")
     parser.add_argument("--adapter", default=None, help="a PEFT adapter directory")
+    parser.add_argument(
+        "--adapter-name", default=None, help="which adapter of a multi-adapter directory"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32, help="at least 1")
 
 
@@ -150,7 +153,14 @@ def run_generate(args: argparse.Namespace) -> None:
     path = args.model or default_model_path()
     model, params = jpeft.models.from_pretrained(path)
     tokenizer = jpeft.models.load_tokenizer(path)
-    adapter = jpeft.load_pretrained(args.adapter, params=params) if args.adapter else None
+    adapter = None
+    if args.adapter:
+        adapter = jpeft.load_pretrained(args.adapter, params, adapter_name=args.adapter_name)
+    if isinstance(adapter, dict):
+        raise JobError(
+            f"--adapter {args.adapter} holds several adapters ({', '.join(adapter)}); choose one "
+            "with --adapter-name"
+        )
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": args.prompt}]
         ids = tokenizer.apply_chat_template(

@@ -33,14 +33,29 @@ from jpeft.method import config_from_dict, method_for
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+DEFAULT_ADAPTER = "default"  # PEFT's name of the adapter saved at the top of the directory
 
 
-def save_pretrained(adapter: Adapter, save_directory: str | os.PathLike) -> None:
+def save_pretrained(
+    adapter: Adapter | Mapping[str, Adapter], save_directory: str | os.PathLike
+) -> None:
     """Write `adapter` in PEFT's layout, loadable by `PeftModel.from_pretrained`.
+
+    A dict {name: Adapter} is written as `PeftModel.save_pretrained` writes several adapters:
+    "default" in `save_directory` itself, every other name in `save_directory/<name>/` (PEFT's
+    `load_adapter(<dir>/<name>, name)` reads those).
 
     Both files are written in full under temporary names first, then renamed over the old ones
     (the config last), so an interrupted save leaves the directory's previous files in place.
     """
+    if isinstance(adapter, Mapping):
+        for name, one in adapter.items():
+            check_adapter_name(name)
+            if not isinstance(one, Adapter):
+                raise TypeError(f"adapter {name!r} is a {type(one).__name__}, not a jpeft.Adapter")
+        for name, one in adapter.items():
+            save_pretrained(one, adapter_directory(save_directory, name))
+        return
     os.makedirs(save_directory, exist_ok=True)
     data, tensors = method_for(adapter.config).to_file(adapter)
     arrays = {key: _to_numpy(value) for key, value in tensors.items()}
@@ -81,14 +96,68 @@ def _to_numpy(value: jax.Array) -> np.ndarray:
 
 
 def load_pretrained(
-    directory: str | os.PathLike, params: Mapping[str, Any] | None = None
-) -> Adapter:
+    directory: str | os.PathLike,
+    params: Mapping[str, Any] | None = None,
+    adapter_name: str | None = None,
+) -> Adapter | dict[str, Adapter]:
     """Read an adapter saved by PEFT (or jpeft) from `directory`.
+
+    A directory holding one adapter gives that Adapter. One in PEFT's multi-adapter layout (see
+    `save_pretrained`: adapters in sub-folders by name, "default" at the top) gives a dict
+    {name: Adapter}, or, with `adapter_name`, that one adapter.
 
     `params` is needed only where PEFT's file needs the base weights to be read (PiSSA/OLoRA
     adapters saved unconverted: PEFT recomputes their starting factors on load, and so does
-    jpeft).
+    jpeft) or where an adapter keeps what it replaces (trainable tokens' original rows).
     """
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+        path = adapter_directory(directory, adapter_name)
+        if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+            raise FileNotFoundError(
+                f"no adapter {adapter_name!r} in {directory} ({path} has no {CONFIG_NAME}); the "
+                f"adapters saved there: {saved_adapter_names(directory)}"
+            )
+        return _load_one(path, params)
+    names = saved_adapter_names(directory)
+    if names in ([], [DEFAULT_ADAPTER]):
+        return _load_one(directory, params)
+    return {name: _load_one(adapter_directory(directory, name), params) for name in names}
+
+
+def saved_adapter_names(directory: str | os.PathLike) -> list[str]:
+    """The adapters in `directory`: "default" when it holds an adapter_config.json itself, then
+    every sub-folder that does, sorted."""
+    top = [DEFAULT_ADAPTER] if os.path.isfile(os.path.join(directory, CONFIG_NAME)) else []
+    try:
+        entries = sorted(os.listdir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return top
+    nested = [
+        name
+        for name in entries
+        if not name.startswith(".") and os.path.isfile(os.path.join(directory, name, CONFIG_NAME))
+    ]
+    return top + nested
+
+
+def adapter_directory(directory: str | os.PathLike, name: str) -> str:
+    """Where PEFT keeps adapter `name` of a multi-adapter save: the directory for "default"."""
+    return os.fspath(directory) if name == DEFAULT_ADAPTER else os.path.join(directory, name)
+
+
+def check_adapter_name(name: Any) -> None:
+    """ValueError unless `name` can be a sub-folder of the save directory."""
+    separators = [sep for sep in (os.sep, os.altsep) if sep]
+    if not isinstance(name, str) or name in ("", ".", "..") or name.startswith("."):
+        raise ValueError(
+            f"adapter name {name!r} cannot name a sub-folder; use a plain name like 'sql'"
+        )
+    if any(sep in name for sep in separators):
+        raise ValueError(f"adapter name {name!r} holds a path separator; use a plain name")
+
+
+def _load_one(directory: str | os.PathLike, params: Mapping[str, Any] | None) -> Adapter:
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: a PEFT adapter directory needs it")
