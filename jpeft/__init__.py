@@ -6,6 +6,7 @@ Every registered method's config class is exported here by name (`jpeft.LoraConf
 
 from jpeft import checkpoint, injection, memory, methods, models, ops, sharding, train
 from jpeft.adapter import Adapter, is_trainable, partition
+from jpeft.hotswap import pad_to
 from jpeft.injection import init_adapter, inject, merge, prepare, prompt_of, unmerge
 from jpeft.method import PromptMethod, WeightMethod, register, registered
 from jpeft.peft_format import load_pretrained, save_pretrained
@@ -37,6 +38,7 @@ __all__ = [
     "models",
     "ops",
     "optax_mask",
+    "pad_to",
     "partition",
     "prepare",
     "prompt_of",

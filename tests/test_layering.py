@@ -35,7 +35,7 @@ LAYERS = [
     ("jpeft.ops",),
     ("jpeft.adapter", "jpeft.method"),
     ("jpeft.injection",),
-    ("jpeft.methods", "jpeft.peft_format", "jpeft.weighted_adapter"),
+    ("jpeft.methods", "jpeft.peft_format", "jpeft.weighted_adapter", "jpeft.hotswap"),
     ("jpeft.sharding",),
     ("jpeft.models",),
     ("jpeft.train", "jpeft.checkpoint"),
