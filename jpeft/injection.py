@@ -56,9 +56,15 @@ class Prepared:
 def prepare(
     params: Mapping[str, Any], adapter: Adapter | None, dropout_key: Array | None = None
 ) -> Prepared:
-    """The one call a model makes with its `adapter` argument (None: the params as they are)."""
+    """The one call a model makes with its `adapter` argument (None: the params as they are).
+
+    An adapter type with a `prepared(params, dropout_key)` method prepares itself (the
+    mixed-adapter bank of `jpeft.mixed`)."""
     if adapter is None:
         return Prepared(params, None, 0)
+    own = getattr(type(adapter), "prepared", None)
+    if own is not None:
+        return own(adapter, params, dropout_key)
     return Prepared(
         inject(params, adapter, dropout_key=dropout_key),
         prompt_of(adapter, dropout_key),
@@ -97,13 +103,20 @@ def untouched_layers(params: Mapping[str, Any], adapter: Adapter | None) -> int:
 # inject: the adapter in the model's layout
 
 
-def inject(params: Mapping[str, Any], adapter: Adapter, *, dropout_key: Array | None = None):
+def inject(
+    params: Mapping[str, Any],
+    adapter: Adapter,
+    *,
+    dropout_key: Array | None = None,
+    method: WeightMethod | None = None,
+):
     """`params` with targeted weights replaced by adapted-weight nodes and overrides applied.
 
     Pure and cheap (only adapter-sized arrays are built); call it inside the jitted, differentiated
-    function so gradients flow to the adapter's leaves.
+    function so gradients flow to the adapter's leaves. `method` builds the nodes (default: the
+    config's registered method; `jpeft.mixed` passes its bank's).
     """
-    method = method_for(adapter.config)
+    method = method or method_for(adapter.config)
     out = _apply_overrides(params, adapter.overrides)
     if method.is_prompt_learning:
         return out

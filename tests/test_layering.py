@@ -36,6 +36,7 @@ LAYERS = [
     ("jpeft.adapter", "jpeft.method"),
     ("jpeft.injection",),
     ("jpeft.methods", "jpeft.peft_format", "jpeft.weighted_adapter", "jpeft.hotswap"),
+    ("jpeft.mixed",),
     ("jpeft.sharding",),
     ("jpeft.models",),
     ("jpeft.train", "jpeft.checkpoint"),

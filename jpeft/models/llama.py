@@ -19,6 +19,7 @@ leaf may be an adapted-weight node (see `jpeft.ops`); the model never looks insi
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -32,6 +33,7 @@ from jpeft import ops
 from jpeft.activations import constrain_batch
 from jpeft.adapter import Prompt
 from jpeft.injection import Prepared, prepare
+from jpeft.mixed import mix
 from jpeft.models import rope
 from jpeft.models.inputs import check_inputs, check_max_new_tokens, float_dtype
 from jpeft.models.rope import RopeScaling
@@ -246,13 +248,17 @@ class LlamaForCausalLM:
         attention_mask: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
         position_ids: jax.Array | None = None,
+        adapter_names: Sequence[str] | None = None,
     ) -> jax.Array:
         """`input_ids` [B, S] int -> logits [B, S, V]; `attention_mask` [B, S]: 1 token, 0 pad.
 
         With a prompt-tuning or p-tuning adapter the logits are [B, T + S, V], the T virtual
         tokens first, as PEFT's are. `position_ids` [B, S] or [1, S]; `dropout_key` a PRNG key
-        (`jax.random.key`) that turns on the adapter's dropout.
+        (`jax.random.key`) that turns on the adapter's dropout. `adapter_names` [B] with
+        `adapter` a dict {name: LoRA Adapter}: row b runs adapter `adapter_names[b]`
+        ("__base__": none), PEFT's mixed-adapter batch (see `jpeft.mixed`).
         """
+        adapter = mix(adapter, adapter_names) if adapter_names is not None else adapter
         ready, hidden = self._checked_hidden(
             params, input_ids, adapter, attention_mask, dropout_key, position_ids
         )
@@ -284,8 +290,11 @@ class LlamaForCausalLM:
         max_new_tokens: int,
         adapter: Any = None,
         attention_mask: jax.Array | None = None,
+        adapter_names: Sequence[str] | None = None,
     ) -> jax.Array:
         """Greedy decoding with a KV cache: `input_ids` [B, S] -> [B, S + max_new_tokens].
+
+        `adapter_names` as in `apply`: each row decodes with its own adapter.
 
         Left padding in `attention_mask` is handled like transformers' `generate`. Prompt-learning
         adapters put their virtual tokens or prefix first, as PEFT's `generate` does; the result
@@ -295,6 +304,7 @@ class LlamaForCausalLM:
         """
         input_ids = jnp.asarray(input_ids)
         check_inputs(self.config.vocab_size, input_ids, attention_mask)
+        adapter = mix(adapter, adapter_names) if adapter_names is not None else adapter
         ready = prepare(params, adapter)
         virtual = 0 if ready.prompt is None else ready.prompt.num_virtual_tokens
         max_new_tokens = check_max_new_tokens(
