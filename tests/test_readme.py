@@ -67,6 +67,17 @@ def test_methods_block_runs(checkpoint, tmp_path, monkeypatch):
         assert (tmp_path / "out" / peft_type / "adapter_model.safetensors").is_file()
 
 
+def test_multi_adapter_block_runs(checkpoint, tmp_path, monkeypatch):
+    block = next(b for b in python_blocks() if "adapter_names=" in b)
+    monkeypatch.chdir(tmp_path)
+    scope = {"input_ids": jax.random.randint(jax.random.key(0), (3, 5), 0, 64)}
+    exec(block.replace("path/to/hf_checkpoint", str(checkpoint)), scope)
+    assert scope["logits"].shape == (3, 5, 64)
+    assert sorted(scope["adapters"]) == ["chat", "default"]
+    assert (tmp_path / "adapters" / "chat" / "adapter_model.safetensors").is_file()
+    assert scope["combined"].config.r == 12
+
+
 def test_qlora_block_runs(checkpoint, tmp_path, monkeypatch):
     block = next(b for b in python_blocks() if 'quantize="nf4"' in b)
     monkeypatch.chdir(tmp_path)
