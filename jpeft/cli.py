@@ -1,4 +1,4 @@
-"""The `jpeft` command: `jpeft finetune` (the main job) and `jpeft generate`.
+"""The `jpeft` command: `jpeft finetune` (the main job), `jpeft generate` and `jpeft serve`.
 
 User mistakes (a missing model file, a data file without the needed columns, an unknown method, a
 sequence length the model cannot take, a bad adapter file: every ValueError jpeft raises on user
@@ -124,6 +124,51 @@ def generate_parser(sub) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="at least 1")
 
 
+def serve_parser(sub) -> None:
+    parser = sub.add_parser("serve", help="serve completions for LoRA adapters over HTTP")
+    parser.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2)")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a LoRA adapter to serve as model NAME (repeat for more; more load at run time)",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=16, help="requests per generate call")
+    parser.add_argument(
+        "--batch-window-ms", type=float, default=10.0, help="how long to gather a batch"
+    )
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from jpeft.finetune.job import default_model_path
+
+    adapters = {}
+    for entry in args.adapter:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            raise JobError(f"--adapter {entry!r}: use NAME=DIR")
+        if name in adapters:
+            raise JobError(f"--adapter {name}: given twice")
+        adapters[name] = path
+    if args.max_batch < 1 or args.batch_window_ms < 0:
+        raise JobError("--max-batch must be >= 1 and --batch-window-ms >= 0")
+    try:
+        from jpeft.serve import serve
+    except ImportError as err:
+        raise JobError(f"jpeft serve needs aiohttp ({err}): pip install 'jpeft[serve]'") from None
+    serve(
+        args.model or default_model_path(),
+        adapters,
+        args.host,
+        args.port,
+        args.max_batch,
+        args.batch_window_ms / 1000,
+    )
+
+
 def run_finetune(args: argparse.Namespace, explicit: set[str]) -> None:
     """`explicit`: the options given as flags; they win over the `--config` file's."""
     from jpeft.finetune.job import run
@@ -187,12 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     finetune_parser(sub)
     generate_parser(sub)
+    serve_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:  # plain `jpeft` runs the main job
         args = parser.parse_args(["finetune"])
     try:
         if args.command == "finetune":
             run_finetune(args, explicit_options(argv))
+        elif args.command == "serve":
+            run_serve(args)
         else:
             run_generate(args)
     except (*USER_ERRORS, RunStopped, KeyboardInterrupt, Terminated) as err:

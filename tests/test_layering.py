@@ -41,7 +41,7 @@ LAYERS = [
     ("jpeft.models",),
     ("jpeft.train", "jpeft.checkpoint"),
     ("jpeft.memory",),
-    ("jpeft", "jpeft.finetune"),
+    ("jpeft", "jpeft.finetune", "jpeft.serve"),
     ("jpeft.cli",),
 ]
 
