@@ -65,11 +65,18 @@ class MixedAdapters(Adapter):
         bank.weights, bank.overrides, bank.frozen = children
         return bank
 
+    def replace(self, **changes: Any) -> MixedAdapters:
+        """A bank of the same adapters with `changes` (weights, frozen; sharding specs too)."""
+        fields = dict(config=self.config, weights=self.weights, frozen=self.frozen)
+        fields.update(changes)
+        if fields.pop("overrides", None):
+            raise ValueError("a mixed-adapter bank has no overrides")
+        return MixedAdapters(**fields, names=self.names, sources=self.sources)
+
     def select(self, adapter_names: Sequence[str]) -> MixedAdapters:
         """The same bank with each row using adapter `adapter_names[row]` ("__base__": none)."""
-        frozen = dict(self.frozen)
-        frozen[SHARED] = {ROWS: row_indices(self.names, adapter_names)}
-        return MixedAdapters(self.config, self.weights, frozen, self.names, self.sources)
+        frozen = {**self.frozen, SHARED: {ROWS: row_indices(self.names, adapter_names)}}
+        return self.replace(frozen=frozen)
 
     def prepared(self, params: Mapping[str, Any], dropout_key: jax.Array | None) -> Prepared:
         """What `jpeft.injection.prepare` gives a model for this bank."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import peft
 import pytest
 import torch
@@ -118,6 +119,34 @@ def test_mixed_training_gradients_are_each_adapters_own(setup):
                     atol=1e-7,
                     err_msg=f"{name} {module} {piece}",
                 )
+
+
+def test_mixed_training_on_a_mesh_gives_the_same_losses(setup):
+    """Two Adam steps of the library's train step on the bank, on one device and on a
+    (data, fsdp, model) = (2, 2, 2) mesh."""
+    model, params, ids, adapters, _ = setup
+    names, batch = ROWS[:4], {"input_ids": jnp.asarray(ids[:4]), "labels": jnp.asarray(ids[:4])}
+    optimizer = optax.adam(1e-2)
+
+    def losses(mesh):
+        bank, step_params, step_batch, shardings = mix(adapters, names), params, batch, None
+        if mesh is not None:
+            shardings = jpeft.sharding.step_shardings(mesh, params, bank, optimizer)
+            step_params = jpeft.sharding.shard(params, mesh)
+            bank = jpeft.sharding.shard(bank, mesh, like=step_params)
+            step_batch = jpeft.sharding.shard_batch(batch, mesh)
+        opt_state = optimizer.init(jpeft.partition(bank)[0])
+        step = jpeft.train.make_train_step(model, optimizer, shardings=shardings)
+        out = []
+        for _ in range(2):
+            bank, opt_state, loss = step(step_params, bank, opt_state, step_batch, None)
+            out.append(float(loss))
+        return out
+
+    single = losses(None)
+    assert single[1] < single[0]
+    mesh = jpeft.sharding.make_mesh(data=2, fsdp=2, model=2)
+    np.testing.assert_allclose(losses(mesh), single, rtol=1e-4)
 
 
 def test_bank_round_trip_and_select(setup):
