@@ -8,17 +8,15 @@ the problem and the server keeps serving; adapters load and unload at run time.
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import aiohttp
 import jax
 import numpy as np
 import pytest
-from aiohttp import web
 from tiny_models import save_word_level_llama
 
 import jpeft
-from jpeft.serve.app import make_app
+from jpeft.serve.app import BackgroundServer, make_app
 from jpeft.serve.engine import Engine
 
 PROMPTS = ["market vote film", "film film", "vote", "market market vote vote"]
@@ -48,18 +46,8 @@ def server(tmp_path_factory):
     engine = Engine(model, params, jpeft.models.load_tokenizer(path), max_batch=8)
     engine.load("a", folders["a"])
     engine.load("b", folders["b"])
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(make_app(engine, "tiny", batch_window=0.2))
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{port}", engine, adapters, folders
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=60)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=60)
+    with BackgroundServer(make_app(engine, "tiny", batch_window=0.2)) as url:
+        yield url, engine, adapters, folders
 
 
 def send(url: str, calls: list[tuple[str, str, object]]) -> list[tuple[int, dict]]:
