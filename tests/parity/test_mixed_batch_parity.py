@@ -89,9 +89,13 @@ def test_mixed_batch_on_a_four_bit_base(setup):
     np.testing.assert_allclose(got, alone(model, qparams, ids, adapters, ROWS), atol=1e-5, rtol=0)
 
 
-def test_mixed_training_gradients_are_each_adapters_own(setup):
-    """d loss(bank) / d bank[a] = (a's share of the tokens) d loss_a(a alone on its rows)."""
+@pytest.mark.parametrize("base", ["float", "nf4"])
+def test_mixed_training_gradients_are_each_adapters_own(setup, base):
+    """d loss(bank) / d bank[a] = (a's share of the tokens) d loss_a(a alone on its rows), on a
+    float and on a 4-bit base."""
     model, params, ids, adapters, _ = setup
+    if base == "nf4":
+        params = quantize_params(params, QuantConfig("nf4", 32))
     bank = mix(adapters, ROWS)
     batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids)}
     trainable, frozen = jpeft.partition(bank)
