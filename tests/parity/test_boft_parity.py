@@ -1,6 +1,6 @@
 """BOFT against PyTorch PEFT 0.21.2, both directions, on tiny random Llama and Qwen2 models.
 
-As test_loha_parity.py (whose helpers it uses): PEFT's perturbed adapter loads in jpeft with
+As test_loha_parity.py (with `two_way.py`'s checks): PEFT's perturbed adapter loads in jpeft with
 PEFT's logits, merged or not; jpeft's perturbed adapter loads in PEFT with jpeft's logits; saved
 keys, shapes and adapter_config.json equal PEFT's.
 
@@ -22,15 +22,13 @@ import peft
 import pytest
 import torch
 import torch.utils.cpp_extension
-from hf_bases import build_base, load_hf, perturb_torch, torch_logits
+from hf_bases import load_hf, perturb_torch, torch_logits
 from peft.tuners.boft import layer as boft_layer
 from safetensors.numpy import load_file, save_file
-from test_loha_parity import (
+from two_way import (
     WEIGHTS,
-    Base,
-    check_jpeft_adapter_loads,
-    check_peft_adapter_loads,
     perturb_jax,
+    two_way_tests,
 )
 
 import jpeft
@@ -83,31 +81,9 @@ def fbd_cuda(monkeypatch):
     monkeypatch.setattr(boft_layer, "_FBD_CUDA", FakeFbd())
 
 
-@pytest.fixture(scope="module")
-def base_of(tmp_path_factory):
-    """family -> Base, built once per family."""
-    cache = {}
-
-    def build(family: str) -> Base:
-        if family not in cache:
-            cache[family] = Base(*build_base(family, tmp_path_factory.mktemp(family)))
-        return cache[family]
-
-    return build
-
-
-@pytest.mark.parametrize("family, name", CASES)
-def test_peft_adapter_loads_in_jpeft(base_of, family, name, tmp_path):
-    base = base_of(family)
-    config = peft.BOFTConfig(**CONFIGS[name], **base.common())
-    check_peft_adapter_loads(base, config, tmp_path)
-
-
-@pytest.mark.parametrize("family, name", CASES)
-def test_jpeft_adapter_loads_in_peft(base_of, family, name, tmp_path):
-    base = base_of(family)
-    kwargs = dict(**CONFIGS[name], **base.common())
-    check_jpeft_adapter_loads(base, jpeft.BOFTConfig(**kwargs), peft.BOFTConfig(**kwargs), tmp_path)
+test_peft_adapter_loads_in_jpeft, test_jpeft_adapter_loads_in_peft = two_way_tests(
+    "BOFTConfig", CONFIGS, CASES
+)
 
 
 def hf_weight(params, name: str) -> np.ndarray:

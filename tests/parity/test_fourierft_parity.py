@@ -15,12 +15,7 @@ import numpy as np
 import peft
 import pytest
 import torch
-from test_loha_parity import (
-    FAMILIES,
-    base_of,  # noqa: F401  (fixture)
-    check_jpeft_adapter_loads,
-    check_peft_adapter_loads,
-)
+from two_way import check_jpeft_adapter_loads, check_peft_adapter_loads
 
 import jpeft
 from jpeft.methods.fourierft import SPECTRUM, check_layer, frequency_positions
@@ -28,6 +23,7 @@ from jpeft.methods.torch_random import RANDPERM_32BIT_LIMIT
 from jpeft.methods.torch_random import randperm_prefix as torch_randperm_prefix
 from jpeft.quant import quantize_params
 
+FAMILIES = ("llama", "qwen2")
 # Tiny bases: q/o 32x32, k/v 16x32, gate/up 48x32, down 32x48 (so n_frequency <= 512 for k/v).
 CONFIGS = {
     "defaults": dict(n_frequency=200, scaling=20.0),
@@ -68,14 +64,14 @@ SIZES = [576 * 576, 192 * 576, 1536 * 576, 576 * 1536, 1, 2, 3, 97, 1000, 65536]
 
 
 @pytest.mark.parametrize("family, name", CASES)
-def test_peft_adapter_loads_in_jpeft(base_of, family, name, tmp_path):  # noqa: F811
+def test_peft_adapter_loads_in_jpeft(base_of, family, name, tmp_path):
     base = base_of(family)
     config = peft.FourierFTConfig(**CONFIGS[name], **base.common())
     check_peft_adapter_loads(base, config, tmp_path)
 
 
 @pytest.mark.parametrize("family, name", CASES)
-def test_jpeft_adapter_loads_in_peft(base_of, family, name, tmp_path):  # noqa: F811
+def test_jpeft_adapter_loads_in_peft(base_of, family, name, tmp_path):
     base = base_of(family)
     kwargs = dict(**CONFIGS[name], **base.common())
     config = jpeft.FourierFTConfig(**kwargs)
@@ -83,7 +79,7 @@ def test_jpeft_adapter_loads_in_peft(base_of, family, name, tmp_path):  # noqa: 
 
 
 @pytest.mark.parametrize("init_weights", [False, True])
-def test_init_matches_peft(base_of, init_weights):  # noqa: F811
+def test_init_matches_peft(base_of, init_weights):
     """PEFT's init: zeros with init_weights=True (the logits stay), else standard normal."""
     base = base_of("llama")
     config = jpeft.FourierFTConfig(n_frequency=400, init_weights=init_weights)
@@ -116,7 +112,7 @@ def test_positions_are_torch_randperm(seed):
     np.testing.assert_array_equal(cols, (perm % 576).numpy())
 
 
-def test_merge_equals_unmerged_delta(base_of):  # noqa: F811
+def test_merge_equals_unmerged_delta(base_of):
     """merged weight - base == PEFT's dW for the same spectrum (the ifft2 formula in torch)."""
     base = base_of("llama")
     config = jpeft.FourierFTConfig(n_frequency=300, scaling=40.0, target_modules=["v_proj"])
@@ -150,7 +146,7 @@ def test_bad_configs_are_refused(fields, message):
         jpeft.FourierFTConfig(**fields)
 
 
-def test_layers_that_do_not_fit_are_refused(base_of):  # noqa: F811
+def test_layers_that_do_not_fit_are_refused(base_of):
     """n_frequency beyond a weight's entries (PEFT refuses too), in init and in a loaded file;
     weights too large for torch's 32-bit randperm; 4-bit bases."""
     base = base_of("llama")

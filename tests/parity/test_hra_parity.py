@@ -1,6 +1,6 @@
 """HRA against PyTorch PEFT, both directions, on tiny random Llama and Qwen2 models.
 
-As test_loha_parity.py (whose helpers it uses): PEFT's perturbed adapter loads in jpeft with
+As test_loha_parity.py (with `two_way.py`'s checks): PEFT's perturbed adapter loads in jpeft with
 PEFT's logits, merged or not; jpeft's perturbed adapter loads in PEFT with jpeft's logits; saved
 keys, shapes and adapter_config.json equal PEFT's. The configs cover Gram-Schmidt on and off,
 even r (identity start), odd r (PEFT's random start, with its warning), init_weights=False,
@@ -18,8 +18,8 @@ import jax
 import numpy as np
 import peft
 import pytest
-from hf_bases import build_base, load_hf, perturb_torch, torch_logits
-from test_loha_parity import TOL, Base, check_jpeft_adapter_loads, check_peft_adapter_loads
+from hf_bases import load_hf, perturb_torch, torch_logits
+from two_way import TOL, Base, two_way_tests
 
 import jpeft
 from jpeft.quant import quantize_params
@@ -50,35 +50,13 @@ CASES = [("llama", name) for name in CONFIGS]
 CASES += [("qwen2", name) for name in ("defaults", "gram_schmidt")]
 
 
-@pytest.fixture(scope="module")
-def base_of(tmp_path_factory):
-    """family -> Base, built once per family."""
-    cache = {}
-
-    def build(family: str) -> Base:
-        if family not in cache:
-            cache[family] = Base(*build_base(family, tmp_path_factory.mktemp(family)))
-        return cache[family]
-
-    return build
-
-
 def peft_hra_model(base: Base, **kwargs):
     return peft.get_peft_model(load_hf(base.path), peft.HRAConfig(**kwargs))
 
 
-@pytest.mark.parametrize("family, name", CASES)
-def test_peft_adapter_loads_in_jpeft(base_of, family, name, tmp_path):
-    base = base_of(family)
-    config = peft.HRAConfig(**CONFIGS[name], **base.common())
-    check_peft_adapter_loads(base, config, tmp_path)
-
-
-@pytest.mark.parametrize("family, name", CASES)
-def test_jpeft_adapter_loads_in_peft(base_of, family, name, tmp_path):
-    base = base_of(family)
-    kwargs = dict(**CONFIGS[name], **base.common())
-    check_jpeft_adapter_loads(base, jpeft.HRAConfig(**kwargs), peft.HRAConfig(**kwargs), tmp_path)
+test_peft_adapter_loads_in_jpeft, test_jpeft_adapter_loads_in_peft = two_way_tests(
+    "HRAConfig", CONFIGS, CASES
+)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,12 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
-from hf_bases import build_base, load_hf, torch_logits
+from hf_bases import load_hf, torch_logits
 from safetensors.numpy import load_file
-from test_loha_parity import (
+from two_way import (
     TOL,
     WEIGHTS,
-    Base,
     check_jpeft_adapter_loads,
     check_peft_adapter_loads,
     perturb_jax,
@@ -51,19 +50,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Unsupported layer type"),
     pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`"),
 ]
-
-
-@pytest.fixture(scope="module")
-def base_of(tmp_path_factory):
-    """family -> Base, built once per family."""
-    cache = {}
-
-    def build(family: str) -> Base:
-        if family not in cache:
-            cache[family] = Base(*build_base(family, tmp_path_factory.mktemp(family)))
-        return cache[family]
-
-    return build
 
 
 @pytest.mark.parametrize("family, name", [*CASES, ("qwen3", "tied")])

@@ -1,6 +1,6 @@
 """LoKr against PyTorch PEFT, both directions, on tiny random Llama and Qwen2 models.
 
-As test_loha_parity.py (whose helpers it uses): PEFT's perturbed adapter loads in jpeft with
+As test_loha_parity.py (with `two_way.py`'s checks): PEFT's perturbed adapter loads in jpeft with
 PEFT's logits, merged or not; jpeft's perturbed adapter loads in PEFT with jpeft's logits; saved
 keys, shapes, init and adapter_config.json equal PEFT's. The configs cover every piece layout
 PEFT picks on these sizes (hidden 32 = 4 * 8, intermediate 48 = 6 * 8, k/v 16 = 4 * 4): full w1
@@ -14,14 +14,10 @@ from __future__ import annotations
 import jax
 import peft
 import pytest
-from hf_bases import build_base, load_hf
+from hf_bases import load_hf
 from peft.tuners.lokr.layer import factorization as peft_factorization
-from test_loha_parity import (
-    Base,
-    check_dropouts,
-    check_jpeft_adapter_loads,
-    check_peft_adapter_loads,
-)
+from test_loha_parity import check_dropouts
+from two_way import two_way_tests
 
 import jpeft
 from jpeft.methods.lokr import factorization
@@ -64,31 +60,9 @@ CASES = [("llama", name) for name in CONFIGS]
 CASES += [("qwen2", name) for name in ("defaults", "factored_dropout", "decompose_both")]
 
 
-@pytest.fixture(scope="module")
-def base_of(tmp_path_factory):
-    """family -> Base, built once per family."""
-    cache = {}
-
-    def build(family: str) -> Base:
-        if family not in cache:
-            cache[family] = Base(*build_base(family, tmp_path_factory.mktemp(family)))
-        return cache[family]
-
-    return build
-
-
-@pytest.mark.parametrize("family, name", CASES)
-def test_peft_adapter_loads_in_jpeft(base_of, family, name, tmp_path):
-    base = base_of(family)
-    config = peft.LoKrConfig(**CONFIGS[name], **base.common())
-    check_peft_adapter_loads(base, config, tmp_path)
-
-
-@pytest.mark.parametrize("family, name", CASES)
-def test_jpeft_adapter_loads_in_peft(base_of, family, name, tmp_path):
-    base = base_of(family)
-    kwargs = dict(**CONFIGS[name], **base.common())
-    check_jpeft_adapter_loads(base, jpeft.LoKrConfig(**kwargs), peft.LoKrConfig(**kwargs), tmp_path)
+test_peft_adapter_loads_in_jpeft, test_jpeft_adapter_loads_in_peft = two_way_tests(
+    "LoKrConfig", CONFIGS, CASES
+)
 
 
 def test_factorization_matches_peft():

@@ -1,6 +1,6 @@
 """MiSS against PyTorch PEFT, both directions, on tiny random Llama and Qwen2 models.
 
-As test_loha_parity.py (whose helpers it uses): PEFT's perturbed adapter loads in jpeft with
+As test_loha_parity.py (with `two_way.py`'s checks): PEFT's perturbed adapter loads in jpeft with
 PEFT's logits, merged or not; jpeft's perturbed adapter loads in PEFT with jpeft's logits; saved
 keys, shapes and adapter_config.json equal PEFT's. Every `init_weights` variant is covered:
 balance (True; r dividing in, and r=5 leaving a remainder chunk), False (kaiming start), "bat"
@@ -17,8 +17,8 @@ import numpy as np
 import peft
 import pytest
 import torch
-from hf_bases import build_base, load_hf, perturb_torch
-from test_loha_parity import Base, check_jpeft_adapter_loads, check_peft_adapter_loads
+from hf_bases import load_hf, perturb_torch
+from two_way import two_way_tests
 
 import jpeft
 from jpeft import tree as jtree
@@ -48,31 +48,9 @@ CASES = [("llama", name) for name in CONFIGS if name != "balance"]
 CASES += [("qwen2", name) for name in ("balance", "bat")]
 
 
-@pytest.fixture(scope="module")
-def base_of(tmp_path_factory):
-    """family -> Base, built once per family."""
-    cache = {}
-
-    def build(family: str) -> Base:
-        if family not in cache:
-            cache[family] = Base(*build_base(family, tmp_path_factory.mktemp(family)))
-        return cache[family]
-
-    return build
-
-
-@pytest.mark.parametrize("family, name", CASES)
-def test_peft_adapter_loads_in_jpeft(base_of, family, name, tmp_path):
-    base = base_of(family)
-    config = peft.MissConfig(**CONFIGS[name], **base.common())
-    check_peft_adapter_loads(base, config, tmp_path)
-
-
-@pytest.mark.parametrize("family, name", CASES)
-def test_jpeft_adapter_loads_in_peft(base_of, family, name, tmp_path):
-    base = base_of(family)
-    kwargs = dict(**CONFIGS[name], **base.common())
-    check_jpeft_adapter_loads(base, jpeft.MissConfig(**kwargs), peft.MissConfig(**kwargs), tmp_path)
+test_peft_adapter_loads_in_jpeft, test_jpeft_adapter_loads_in_peft = two_way_tests(
+    "MissConfig", CONFIGS, CASES
+)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -1,6 +1,6 @@
 """OFT against PyTorch PEFT 0.21.2, both directions, on tiny random Llama and Qwen2 models.
 
-As test_loha_parity.py (whose helpers it uses): PEFT's perturbed adapter loads in jpeft with
+As test_loha_parity.py (with `two_way.py`'s checks): PEFT's perturbed adapter loads in jpeft with
 PEFT's logits, merged or not; jpeft's perturbed adapter loads in PEFT with jpeft's logits; saved
 keys, shapes and adapter_config.json equal PEFT's. The configs cover both ways of sizing blocks
 (r, oft_block_size) including sizes PEFT moves to a divisor of in_features (hidden 32,
@@ -21,9 +21,9 @@ import optax
 import peft
 import pytest
 import torch
-from hf_bases import build_base, load_hf, perturb_torch
+from hf_bases import load_hf, perturb_torch
 from safetensors.numpy import save_file
-from test_loha_parity import Base, check_jpeft_adapter_loads, check_peft_adapter_loads
+from two_way import Base, two_way_tests
 
 import jpeft
 from jpeft import tree as jtree
@@ -66,33 +66,11 @@ CASES = [("llama", name) for name in CONFIGS] + [
 MODULE = "model.layers.0.mlp.down_proj"  # in_features 48: the merge/unmerge checks' module
 
 
-@pytest.fixture(scope="module")
-def base_of(tmp_path_factory):
-    """family -> Base, built once per family."""
-    cache = {}
-
-    def build(family: str) -> Base:
-        if family not in cache:
-            cache[family] = Base(*build_base(family, tmp_path_factory.mktemp(family)))
-        return cache[family]
-
-    return build
-
-
-@pytest.mark.filterwarnings("ignore:.*(Invalid|adjusted|no effect).*")
-@pytest.mark.parametrize("family, name", CASES)
-def test_peft_adapter_loads_in_jpeft(base_of, family, name, tmp_path):
-    base = base_of(family)
-    config = peft.OFTConfig(**CONFIGS[name], **base.common())
-    check_peft_adapter_loads(base, config, tmp_path)
-
-
-@pytest.mark.filterwarnings("ignore:.*(Invalid|adjusted|no effect).*")
-@pytest.mark.parametrize("family, name", CASES)
-def test_jpeft_adapter_loads_in_peft(base_of, family, name, tmp_path):
-    base = base_of(family)
-    kwargs = dict(**CONFIGS[name], **base.common())
-    check_jpeft_adapter_loads(base, jpeft.OFTConfig(**kwargs), peft.OFTConfig(**kwargs), tmp_path)
+# PEFT warns when it adjusts a block size, and that fan_in_fan_out has no effect
+test_peft_adapter_loads_in_jpeft, test_jpeft_adapter_loads_in_peft = (
+    pytest.mark.filterwarnings("ignore:.*(Invalid|adjusted|no effect).*")(test)
+    for test in two_way_tests("OFTConfig", CONFIGS, CASES)
+)
 
 
 def hf_weight(params, name: str) -> np.ndarray:

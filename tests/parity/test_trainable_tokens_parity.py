@@ -16,7 +16,7 @@ import peft
 import pytest
 from hf_bases import load_hf, perturb_torch, torch_logits
 from safetensors.numpy import load_file
-from test_loha_parity import TOL, WEIGHTS, base_of  # noqa: F401  (fixture)
+from two_way import TOL, WEIGHTS
 
 import jpeft
 from jpeft.method import method_for
@@ -92,7 +92,7 @@ def perturbed(adapter: jpeft.Adapter) -> jpeft.Adapter:
 
 
 @pytest.mark.parametrize("family, name", CASES)
-def test_peft_adapter_loads_in_jpeft(base_of, family, name, tmp_path):  # noqa: F811
+def test_peft_adapter_loads_in_jpeft(base_of, family, name, tmp_path):
     base = base_of(family)
     cls, kwargs = configs(name, base, family)
     peft_model = peft.get_peft_model(load_hf(base.path), getattr(peft, cls)(**kwargs))
@@ -115,7 +115,7 @@ def test_peft_adapter_loads_in_jpeft(base_of, family, name, tmp_path):  # noqa: 
 
 
 @pytest.mark.parametrize("family, name", CASES)
-def test_jpeft_adapter_loads_in_peft(base_of, family, name, tmp_path):  # noqa: F811
+def test_jpeft_adapter_loads_in_peft(base_of, family, name, tmp_path):
     base = base_of(family)
     cls, kwargs = configs(name, base, family)
     fresh = jpeft.init_adapter(
@@ -144,7 +144,7 @@ def test_jpeft_adapter_loads_in_peft(base_of, family, name, tmp_path):  # noqa: 
     assert saved_config(tmp_path / "jpeft") == saved_config(tmp_path / "peft")
 
 
-def test_only_the_rows_train_and_a_tied_head_reads_them(base_of):  # noqa: F811
+def test_only_the_rows_train_and_a_tied_head_reads_them(base_of):
     """A gradient step reaches the rows (and nothing weight-sized); on a tied model the head's
     logits of the tokens change with the rows."""
     base = base_of("qwen3")
@@ -163,7 +163,7 @@ def test_only_the_rows_train_and_a_tied_head_reads_them(base_of):  # noqa: F811
     assert np.abs(np.asarray(grad)[-1]).max() > 0  # the absent token: through the head only
 
 
-def test_unmerge_needs_the_original_rows(base_of, tmp_path):  # noqa: F811
+def test_unmerge_needs_the_original_rows(base_of, tmp_path):
     base = base_of("llama")
     config = jpeft.TrainableTokensConfig(token_indices=tokens_of(base))
     adapter = perturbed(jpeft.init_adapter(base.params, config, key=jax.random.key(0)))
@@ -216,14 +216,14 @@ def test_unmerge_needs_the_original_rows(base_of, tmp_path):  # noqa: F811
         ),
     ],
 )
-def test_refusals_name_the_problem(base_of, family, cls, kwargs, match):  # noqa: F811
+def test_refusals_name_the_problem(base_of, family, cls, kwargs, match):
     base = base_of(family)
     with pytest.raises(ValueError, match=match):
         config = getattr(jpeft, cls)(**kwargs)
         jpeft.init_adapter(base.params, config, key=jax.random.key(0), model=base.model)
 
 
-def test_file_rows_must_fit_the_config(base_of, tmp_path):  # noqa: F811
+def test_file_rows_must_fit_the_config(base_of, tmp_path):
     base = base_of("llama")
     config = jpeft.TrainableTokensConfig(token_indices=[3, 4])
     adapter = jpeft.init_adapter(base.params, config, key=jax.random.key(0))

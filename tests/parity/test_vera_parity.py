@@ -19,10 +19,10 @@ import numpy as np
 import peft
 import pytest
 import torch
-from hf_bases import build_base, load_hf, perturb_torch, torch_logits
+from hf_bases import load_hf, perturb_torch, torch_logits
 from peft.tuners.vera.model import _kaiming_init
 from safetensors.numpy import load_file
-from test_loha_parity import TOL, WEIGHTS, Base
+from two_way import TOL, WEIGHTS
 
 import jpeft
 from jpeft.adapter import SHARED
@@ -56,19 +56,6 @@ CONFIGS = {
 }
 CASES = [("llama", name) for name in CONFIGS]
 CASES += [("qwen2", name) for name in ("explicit", "no_projection")]
-
-
-@pytest.fixture(scope="module")
-def base_of(tmp_path_factory):
-    """family -> Base, built once per family."""
-    cache = {}
-
-    def build(family: str) -> Base:
-        if family not in cache:
-            cache[family] = Base(*build_base(family, tmp_path_factory.mktemp(family)))
-        return cache[family]
-
-    return build
 
 
 def perturb_trainable(adapter: jpeft.Adapter) -> jpeft.Adapter:
