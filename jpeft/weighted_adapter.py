@@ -23,7 +23,6 @@ IA3 adapters combine as PEFT's `IA3Model.add_weighted_adapter` does: l = sum_i w
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -179,9 +178,7 @@ def _union_targets(sources: list[Adapter]) -> Any:
             "all adapter configs should follow the same target modules type. Combining adapters "
             "with `target_modules` type being a mix of list/set and string is not supported."
         )
-    if isinstance(targets[0], str):
-        return "|".join(f"({t})" for t in targets)
-    return tuple(sorted(set().union(*targets)))
+    return _join(targets)
 
 
 def _target_names(adapter: Adapter) -> str | tuple[str, ...]:
@@ -270,10 +267,10 @@ def _combine_ia3(sources: list[Adapter], weights: Sequence[float]) -> Adapter:
     """PEFT's IA3 combination: l = sum_i w_i l_i over the adapters that scale the module."""
     for index, adapter in enumerate(sources):
         if adapter.overrides:
-            warnings.warn(
-                f"adapter {index}'s modules_to_save copies are not combined (PEFT gives the new "
-                "adapter fresh copies of those modules)",
-                stacklevel=3,
+            raise ValueError(
+                f"adapter {index} trains {sorted(adapter.overrides)} (modules_to_save); PEFT's "
+                "add_weighted_adapter gives the new adapter fresh copies of those modules instead, "
+                "so jpeft combines adapters without them"
             )
     targets = [a.config.target_modules for a in sources]
     feedforward = [a.config.feedforward_modules for a in sources]
@@ -305,6 +302,7 @@ def _combine_ia3(sources: list[Adapter], weights: Sequence[float]) -> Adapter:
 
 
 def _join(values: list[Any]) -> Any:
+    """PEFT's union of module fields: "(a)|(b)" for regexes, the union of name lists."""
     if isinstance(values[0], str):
         return "|".join(f"({v})" for v in values)
     if values[0] is None:

@@ -96,8 +96,7 @@ class Engine:
             mask[row, prompt_len - len(request.prompt_ids) :] = 1
             names[row] = request.adapter or BASE
         ids[len(requests) :, -1], mask[len(requests) :, -1] = pad, 1  # idle rows: one token
-        adapter = None if self.bank is None else self.bank
-        kwargs = {} if adapter is None else dict(adapter=adapter, adapter_names=names)
+        kwargs = {} if self.bank is None else dict(adapter=self.bank, adapter_names=names)
         out = self.model.generate(
             self.params, jnp.asarray(ids), new_tokens, attention_mask=jnp.asarray(mask), **kwargs
         )
