@@ -27,12 +27,13 @@ from peft.tuners.boft import layer as boft_layer
 from safetensors.numpy import load_file, save_file
 from two_way import (
     WEIGHTS,
+    check_merge_like_peft,
+    hf_weight,
     perturb_jax,
     two_way_tests,
 )
 
 import jpeft
-from jpeft import tree as jtree
 from jpeft.methods.boft import BOFT_R, block_butterfly_perm, block_dropout
 from jpeft.quant import quantize_params
 
@@ -86,12 +87,6 @@ test_peft_adapter_loads_in_jpeft, test_jpeft_adapter_loads_in_peft = two_way_tes
 )
 
 
-def hf_weight(params, name: str) -> np.ndarray:
-    """The [out, in] weight HF calls `name` from a jpeft param tree."""
-    path, layer = jtree.hf_param_path(params, name)
-    return np.asarray(jtree.layer_of(jtree.get_path(params, path), layer))
-
-
 @pytest.mark.parametrize("name", ["num_two_levels", "three_levels_dropout"])
 def test_merge_and_unmerge_match_peft(base_of, name, tmp_path):
     """PEFT's merged weight (R_tot W^T)^T s and its unmerge equal jpeft's, weight by weight."""
@@ -103,17 +98,7 @@ def test_merge_and_unmerge_match_peft(base_of, name, tmp_path):
     adapter = jpeft.load_pretrained(tmp_path)
     levels = config.get("boft_n_butterfly_factor", 1)
     assert adapter.weights[MODULE][BOFT_R].shape[0] == levels
-    layer = peft_model.base_model.model.model.layers[0].mlp.down_proj
-    merged = jpeft.merge(base.params, adapter)
-    with torch.no_grad():
-        peft_model.merge_adapter()
-        np.testing.assert_allclose(
-            hf_weight(merged, f"{MODULE}.weight"), layer.base_layer.weight.numpy(), atol=1e-6
-        )
-        peft_model.unmerge_adapter()
-        restored = hf_weight(jpeft.unmerge(merged, adapter), f"{MODULE}.weight")
-        np.testing.assert_allclose(restored, layer.base_layer.weight.numpy(), atol=1e-5)
-    np.testing.assert_allclose(restored, hf_weight(base.params, f"{MODULE}.weight"), atol=1e-5)
+    check_merge_like_peft(base, peft_model, adapter, MODULE)
 
 
 def test_peft_cpu_fallback_file_loads_with_its_one_level(base_of, monkeypatch, tmp_path):

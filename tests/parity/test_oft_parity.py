@@ -20,13 +20,11 @@ import numpy as np
 import optax
 import peft
 import pytest
-import torch
 from hf_bases import load_hf, perturb_torch
 from safetensors.numpy import save_file
-from two_way import Base, two_way_tests
+from two_way import Base, check_merge_like_peft, hf_weight, two_way_tests
 
 import jpeft
-from jpeft import tree as jtree
 from jpeft.methods.oft import nearest_divisor
 from jpeft.quant import quantize_params
 
@@ -73,12 +71,6 @@ test_peft_adapter_loads_in_jpeft, test_jpeft_adapter_loads_in_peft = (
 )
 
 
-def hf_weight(params, name: str) -> np.ndarray:
-    """The [out, in] weight HF calls `name` from a jpeft param tree."""
-    path, layer = jtree.hf_param_path(params, name)
-    return np.asarray(jtree.layer_of(jtree.get_path(params, path), layer))
-
-
 @pytest.mark.filterwarnings("ignore:.*(Invalid|adjusted|no effect).*")
 @pytest.mark.parametrize(
     "name", ["r_exact_layers", "block_share_short_series", "coft_r_adjusted_save"]
@@ -91,17 +83,7 @@ def test_merge_and_unmerge_match_peft(base_of, name, tmp_path):
     perturb_torch(peft_model)
     peft_model.save_pretrained(tmp_path)
     adapter = jpeft.load_pretrained(tmp_path)
-    layer = peft_model.base_model.model.model.layers[0].mlp.down_proj
-    merged = jpeft.merge(base.params, adapter)
-    with torch.no_grad():
-        peft_model.merge_adapter()
-        np.testing.assert_allclose(
-            hf_weight(merged, f"{MODULE}.weight"), layer.base_layer.weight.numpy(), atol=1e-6
-        )
-        peft_model.unmerge_adapter()
-        restored = hf_weight(jpeft.unmerge(merged, adapter), f"{MODULE}.weight")
-        np.testing.assert_allclose(restored, layer.base_layer.weight.numpy(), atol=1e-5)
-    np.testing.assert_allclose(restored, hf_weight(base.params, f"{MODULE}.weight"), atol=1e-5)
+    check_merge_like_peft(base, peft_model, adapter, MODULE)
 
 
 def test_cayley_branches_are_transposes_as_in_peft(base_of):

@@ -17,10 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
+import torch
 from hf_bases import load_hf, perturb_torch, torch_logits
 from safetensors.numpy import load_file
 
 import jpeft
+from jpeft import tree as jtree
 from jpeft.method import method_for
 
 TOL = 1e-4
@@ -117,6 +119,28 @@ def saved_config(directory) -> dict:
         if isinstance(data[key], list):
             data[key] = sorted(data[key])
     return data
+
+
+def hf_weight(params, name: str) -> np.ndarray:
+    """The [out, in] weight HF calls `name` from a jpeft param tree."""
+    path, layer = jtree.hf_param_path(params, name)
+    return np.asarray(jtree.layer_of(jtree.get_path(params, path), layer))
+
+
+def check_merge_like_peft(base: Base, peft_model, adapter: jpeft.Adapter, module: str) -> None:
+    """jpeft's merge of `adapter` gives the weight PEFT's `merge_adapter` gives `module`, and
+    unmerge restores it as PEFT's `unmerge_adapter` does (and the base's own weight)."""
+    layer = peft_model.get_submodule(f"base_model.model.{module}")
+    merged = jpeft.merge(base.params, adapter)
+    with torch.no_grad():
+        peft_model.merge_adapter()
+        np.testing.assert_allclose(
+            hf_weight(merged, f"{module}.weight"), layer.base_layer.weight.numpy(), atol=1e-6
+        )
+        peft_model.unmerge_adapter()
+        restored = hf_weight(jpeft.unmerge(merged, adapter), f"{module}.weight")
+        np.testing.assert_allclose(restored, layer.base_layer.weight.numpy(), atol=1e-5)
+    np.testing.assert_allclose(restored, hf_weight(base.params, f"{module}.weight"), atol=1e-5)
 
 
 def two_way_tests(config_name: str, configs: dict, cases: list[tuple[str, str]]):
