@@ -208,6 +208,7 @@ def test_free_text_answers_are_scored_by_held_out_loss(tiny_checkpoint, tmp_path
     assert metrics["test_answer_loss_after"] < 0.5 * metrics["test_answer_loss_before"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_checkpoint, topic_csv, tmp_path):
     """SIGKILL a checkpointing run mid-way, run the same command again: it resumes from the last
     finished checkpoint and ends with exactly the adapter of a run that was never stopped."""
@@ -243,6 +244,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_checkpoint, topic_c
     assert losses == json.loads((full / "metrics.json").read_text())["loss"]
 
 
+@pytest.mark.slow
 def test_two_process_job_gives_the_single_device_run(tiny_checkpoint, topic_csv, tmp_path):
     """`jpeft finetune --distributed` in two processes of 4 CPU devices each, started through the
     JAX_* environment variables, trains on one 8-device mesh; process 0 writes the result."""

@@ -495,6 +495,7 @@ def test_smollm2_matches_recorded_transformers_logits(smollm2_logits):
     assert relative_error(actual, expected) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_smollm2_matches_transformers(smollm2_path, smollm2_logits):
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32

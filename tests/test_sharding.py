@@ -164,7 +164,15 @@ def train_losses(params, config, mesh=None, steps=3, remat=None) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt_tuning", "qlora"])
+# Every method trains on a mesh in tests/test_conformance.py; these repeat it with more steps.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["lora", pytest.param("dora", marks=SLOW), pytest.param("ia3", marks=SLOW), "qlora"]
+    + [pytest.param("prompt_tuning", marks=SLOW)],
+)
 def test_training_on_a_2x2x2_mesh_gives_the_single_device_losses(params, mesh, method):
     if method == "qlora":
         params = quantize_params(params, QuantConfig("nf4", double_quant=True))

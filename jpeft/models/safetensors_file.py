@@ -1,4 +1,4 @@
-"""Reading a `.safetensors` file tensor by tensor, each into its own array.
+"""Reading a `.safetensors` file tensor by tensor, each into its own array, and writing one.
 
 The format: an unsigned little-endian 64-bit header length N, then N bytes of JSON mapping each
 tensor name to {"dtype", "shape", "data_offsets": [begin, end]} (offsets into the data that
@@ -75,3 +75,33 @@ def _read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], int]:
         raise ValueError(f"{path} has tensors of dtype(s) {unknown}, which jpeft does not read")
     ordered = dict(sorted(entries.items(), key=lambda item: item[1]["data_offsets"][0]))
     return ordered, 8 + size
+
+
+def write(
+    path: str | Path, tensors: list[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None
+) -> int:
+    """Write `(name, array)` pairs as safetensors file `path`, one array at a time (no copy of the
+    whole file in memory); returns the bytes of tensor data written.
+
+    The dtypes are those of `DTYPES` (bfloat16 as `ml_dtypes.bfloat16`). The header is padded
+    with spaces to a multiple of 8 bytes, as the safetensors library pads it.
+    """
+    names = {np.dtype(dtype): name for name, dtype in DTYPES.items()}
+    entries: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, array in tensors:
+        if array.dtype not in names:
+            raise ValueError(f"tensor {name!r} has dtype {array.dtype}, which safetensors lacks")
+        entries[name] = {
+            "dtype": names[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    head = json.dumps(entries, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for _, array in tensors:
+            f.write(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
+    return offset
