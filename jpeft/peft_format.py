@@ -1,11 +1,12 @@
-"""PEFT's on-disk format, both ways: `adapter_config.json` + `adapter_model.safetensors`.
+"""PEFT's on-disk format, both ways: `adapter_config.json` + `adapter_model.safetensors`, and
+the README.md model card written beside them (`jpeft.model_card`).
 
 What goes into the files is each method's business (`Method.to_file` / `from_file`: LoRA writes
 `base_model.model.<module>.lora_A.weight` [r, in] ..., prompt methods `prompt_embeddings`,
 AdaLoRA its pruned triplets and `rank_pattern`); this module reads and writes the two files:
 the JSON as PEFT writes it (`inference_mode` true, sorted keys), safetensors with PEFT's
-`{"format": "pt"}` metadata, contiguous numpy arrays. Only safetensors and JSON are read;
-nothing is ever unpickled.
+`{"format": "pt"}` metadata, contiguous numpy arrays. Only safetensors, JSON and a card's YAML
+front matter (`yaml.safe_load`) are read; nothing is ever unpickled.
 
 Loading checks the two files against each other before anything runs: the config's field types
 (`jpeft.config`), every tensor floating point and finite (here), and each method's pieces and
@@ -30,6 +31,7 @@ from safetensors.numpy import load_file, save
 
 from jpeft.adapter import Adapter
 from jpeft.method import config_from_dict, method_for
+from jpeft.model_card import README_NAME, model_card
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -37,39 +39,73 @@ DEFAULT_ADAPTER = "default"  # PEFT's name of the adapter saved at the top of th
 
 
 def save_pretrained(
-    adapter: Adapter | Mapping[str, Adapter], save_directory: str | os.PathLike
+    adapter: Adapter | Mapping[str, Adapter],
+    save_directory: str | os.PathLike,
+    metrics: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write `adapter` in PEFT's layout, loadable by `PeftModel.from_pretrained`.
+    """Write `adapter` in PEFT's layout, loadable by `PeftModel.from_pretrained`, with a README.md
+    model card as PEFT writes one (`jpeft.model_card`; `metrics` {name: value} go into its table;
+    an existing README.md keeps its text).
 
     A dict {name: Adapter} is written as `PeftModel.save_pretrained` writes several adapters:
     "default" in `save_directory` itself, every other name in `save_directory/<name>/` (PEFT's
-    `load_adapter(<dir>/<name>, name)` reads those).
+    `load_adapter(<dir>/<name>, name)` reads those), and one card at the top.
 
-    Both files are written in full under temporary names first, then renamed over the old ones
-    (the config last), so an interrupted save leaves the directory's previous files in place.
+    Each adapter's two files are written in full under temporary names first, then renamed over
+    the old ones (the config last), so an interrupted save leaves the directory's previous files in
+    place; the card is renamed into place after them all.
     """
-    if isinstance(adapter, Mapping):
-        for name, one in adapter.items():
-            check_adapter_name(name)
-            if not isinstance(one, Adapter):
-                raise TypeError(f"adapter {name!r} is a {type(one).__name__}, not a jpeft.Adapter")
-        for name, one in adapter.items():
-            save_pretrained(one, adapter_directory(save_directory, name))
-        return
-    os.makedirs(save_directory, exist_ok=True)
+    adapters = _named_adapters(adapter)
+    card_path = os.path.join(save_directory, README_NAME)
+    card = model_card(adapters, metrics, _read_card(card_path), source=card_path)
+    for name, one in adapters.items():
+        _write_files(adapter_directory(save_directory, name), _adapter_files(one))
+    _write_files(save_directory, {README_NAME: card.encode()})
+
+
+def _named_adapters(adapter: Adapter | Mapping[str, Adapter]) -> dict[str, Adapter]:
+    """{name: Adapter} of what `save_pretrained` was given (one adapter is "default")."""
+    adapters = adapter if isinstance(adapter, Mapping) else {DEFAULT_ADAPTER: adapter}
+    if not adapters:
+        raise ValueError("save_pretrained got an empty dict of adapters; give at least one")
+    for name, one in adapters.items():
+        check_adapter_name(name)
+        if not isinstance(one, Adapter):
+            raise TypeError(f"adapter {name!r} is a {type(one).__name__}, not a jpeft.Adapter")
+    return dict(adapters)
+
+
+def _adapter_files(adapter: Adapter) -> dict[str, bytes]:
+    """{file name: contents} of one adapter: PEFT's weights, then its config."""
     data, tensors = method_for(adapter.config).to_file(adapter)
     arrays = {key: _to_numpy(value) for key, value in tensors.items()}
     data["inference_mode"] = True
-    contents = {
+    return {
         WEIGHTS_NAME: save(arrays, metadata={"format": "pt"}),
         CONFIG_NAME: json.dumps(data, indent=2, sort_keys=True).encode(),
     }
+
+
+def _read_card(path: str) -> str | None:
+    """The text of the README.md at `path`, None when there is none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; fix or remove the file") from None
+
+
+def _write_files(directory: str | os.PathLike, contents: Mapping[str, bytes]) -> None:
+    """Each file written whole under a temporary name, then all renamed into place in order."""
+    os.makedirs(directory, exist_ok=True)
     temporary = {}
     try:
         for name, content in contents.items():
-            temporary[name] = _write_new_file(save_directory, name, content)
+            temporary[name] = _write_new_file(directory, name, content)
         for name, path in temporary.items():
-            os.replace(path, os.path.join(save_directory, name))
+            os.replace(path, os.path.join(directory, name))
     finally:
         for path in temporary.values():
             if os.path.exists(path):

@@ -226,9 +226,10 @@ def test_saved_files_get_the_umask_permissions(files, tmp_path, umask):
         jpeft.save_pretrained(adapter, tmp_path / "out")
     finally:
         os.umask(previous)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
+    for name in (CONFIG_NAME, WEIGHTS_NAME, "README.md"):
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    saved = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert saved == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
 
 
 def test_an_interrupted_save_keeps_the_old_files(files, tmp_path, monkeypatch):

@@ -64,6 +64,7 @@ def test_a_previous_output_is_replaced_only_with_overwrite_and_only_if_all_jpeft
     capsys.readouterr()
     listed = json.loads((out / MARKER).read_text())["files"]
     assert sorted(listed) == [
+        "adapter/README.md",
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
         "loss.png",

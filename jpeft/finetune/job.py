@@ -29,8 +29,9 @@ from jpeft import tree as jtree
 from jpeft.checkpoint import CheckpointError, TrainCheckpointer
 from jpeft.finetune import data as jdata
 from jpeft.finetune.lock import FolderLock
-from jpeft.finetune.options import FinetuneConfig, JobError, flag, validate
+from jpeft.finetune.options import FinetuneConfig, JobError, flag, report_targets, validate
 from jpeft.finetune.outputs import check_output_dir, write_outputs
+from jpeft.finetune.reporting import Reporters, check_logging_dir, open_reporters, run_folder
 from jpeft.finetune.stopping import RunStopped, StopSignals
 from jpeft.method import JobOptionError, JobSpec, method_named
 from jpeft.train import answer_objective, finish, init_opt_state, make_train_step
@@ -65,6 +66,8 @@ def run(config: FinetuneConfig, log=print) -> dict[str, Any]:
         raise JobError(f"--model {model_path}: no such file or directory")
     if config.checkpoint_dir is not None and os.path.isfile(config.checkpoint_dir):
         raise JobError(f"--checkpoint-dir {config.checkpoint_dir} is a file; give a folder path")
+    if report_targets(config.report_to):
+        check_logging_dir(config.logging_dir, config.output_dir)
     if config.distributed:
         jpeft.sharding.initialize()
     with contextlib.ExitStack() as held, StopSignals() as signals:
@@ -135,34 +138,48 @@ def _run(config: FinetuneConfig, method, model_path: str, output_dir, signals, l
     evaluate = make_evaluator(model, config.eval_batch_size, label_tokens, mesh)
     log(f"{adapter}; {len(dataset.train)} train / {len(dataset.test)} test examples")
     score = "accuracy" if label_tokens is not None else "answer loss"
-    before = evaluate(params, adapter, test_set)
-    log(f"{score} before: {before:.3f}")
-    signals.check()
-    adapter, history = train(
-        model, params, adapter, train_set, config, mesh, checkpointer, signals, log
-    )
-    after = evaluate(params, adapter, test_set)
-    log(f"{score} after:  {after:.3f}")
-    signals.check()
     key = "accuracy" if label_tokens is not None else "test_answer_loss"
-    metrics = {
-        f"{key}_before": before,
-        f"{key}_after": after,
-        "train_seconds": history["train_seconds"],
-        "tokens_per_second": history["tokens_per_second"],
-        "trainable_params": adapter.num_trainable(),
-        "total_params": sum(math.prod(jtree.leaf_shape(x)) for x in jtree.flatten(params).values()),
-        "steps": config.steps,
-        "test_examples": len(test_set),
-        "train_examples": len(train_set),
+    run_config = dataclasses.asdict(config) | {"model": model_path}
+    dashboards = report_targets(config.report_to) if jax.process_index() == 0 else []
+    folder = run_folder(config.logging_dir, config.method)
+    with open_reporters(dashboards, folder, run_config, log) as reporter:
+        before = evaluate(params, adapter, test_set)
+        log(f"{score} before: {before:.3f}")
+        reporter.log(0, {f"eval/{key}": before})
+        signals.check()
+        adapter, history = train(
+            model, params, adapter, train_set, config, mesh, checkpointer, signals, reporter, log
+        )
+        after = evaluate(params, adapter, test_set)
+        log(f"{score} after:  {after:.3f}")
+        reporter.log(config.steps, {f"eval/{key}": after})
+        signals.check()
+        metrics = {
+            f"{key}_before": before,
+            f"{key}_after": after,
+            "train_seconds": history["train_seconds"],
+            "tokens_per_second": history["tokens_per_second"],
+            "trainable_params": adapter.num_trainable(),
+            "total_params": sum(
+                math.prod(jtree.leaf_shape(x)) for x in jtree.flatten(params).values()
+            ),
+            "steps": config.steps,
+            "test_examples": len(test_set),
+            "train_examples": len(train_set),
+        }
+        reporter.summary(metrics)
+    metrics = metrics | {
         "loss": history["loss"],
         "step_seconds": history["step_seconds"],
-        "config": dataclasses.asdict(config) | {"model": model_path},
+        "config": run_config,
     }
     adapter = jpeft.sharding.gather(adapter)
     if output_dir is not None:
         write_outputs(output_dir, adapter, metrics)
-        log(f"wrote {config.output_dir}/: metrics.json, loss.png, adapter/ (PEFT format)")
+        log(
+            f"wrote {config.output_dir}/: metrics.json, loss.png, adapter/ (PEFT format, "
+            "with a README.md model card)"
+        )
     return metrics
 
 
@@ -292,9 +309,11 @@ def train(
     mesh,
     checkpointer: TrainCheckpointer | None,
     signals: StopSignals,
+    reporter: Reporters,
     log,
 ):
-    """AdamW with warm-up and cosine decay; a progress bar with loss, tokens/s and ETA.
+    """AdamW with warm-up and cosine decay; a progress bar with loss, tokens/s and ETA, and the
+    loss, learning rate and tokens/s of every step to the `reporter`'s dashboards.
 
     With a checkpointer the train state is saved every `--checkpoint-every` steps, and a run
     finding a checkpoint there resumes after its step: the data order and dropout keys depend on
@@ -352,8 +371,15 @@ def train(
                 history["step_seconds"].append(time.perf_counter() - step_start)
                 history["seconds"] += history["step_seconds"][-1]
                 history["tokens"] += int(real_tokens[rows].sum())
-                bar.set_postfix(
-                    loss=f"{loss:.3f}", tok_s=f"{history['tokens'] / history['seconds']:.0f}"
+                tokens_per_second = history["tokens"] / history["seconds"]
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_second:.0f}")
+                reporter.log(
+                    done,
+                    {
+                        "train/loss": loss,
+                        "train/learning_rate": float(schedule(i)),
+                        "train/tokens_per_second": tokens_per_second,
+                    },
                 )
                 if checkpointer is not None:
                     trainable, _ = jpeft.partition(adapter)

@@ -7,6 +7,7 @@ fail after an hour of loading and compiling, or train on a meaningless setting, 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import typing
 from typing import Any
@@ -16,6 +17,7 @@ from jpeft.method import registered
 
 QUANTIZE_CHOICES = ("nf4", "fp4")
 REMAT_CHOICES = ("dots", "full", "none")
+REPORT_CHOICES = ("tensorboard", "wandb", "none")  # `--report-to`, as HF Trainer's `report_to`
 
 
 class JobError(ValueError):
@@ -53,6 +55,8 @@ class FinetuneConfig:
     checkpoint_dir: str | None = None  # orbax train-state checkpoints; a rerun resumes
     checkpoint_every: int = 50
     remat: str | None = None  # per-layer activation checkpointing: "dots", "full" or "none"
+    report_to: str | list[str] = "none"  # "tensorboard", "wandb", both (comma-separated), "none"
+    logging_dir: str = "runs"  # the dashboards' logs: a new <logging_dir>/<date-time>-<method>/
 
 
 def flag(name: str) -> str:
@@ -107,10 +111,33 @@ def validate(config: FinetuneConfig) -> None:
         raise JobError(f"--lr {config.lr}: the learning rate must be > 0")
     if not 0 <= config.lora_dropout < 1:
         raise JobError(f"--lora-dropout {config.lora_dropout}: must be in [0, 1)")
-    for name in ("output_dir", "model", "data", "checkpoint_dir", "mesh"):
+    for name in ("output_dir", "model", "data", "checkpoint_dir", "mesh", "logging_dir"):
         if getattr(config, name) == "":
             raise JobError(f"{flag(name)} is empty; give a path or leave the option out")
     _check_targets(config.target_modules)
+    report_targets(config.report_to)
+
+
+def report_targets(report_to: str | list[str]) -> list[str]:
+    """The dashboards `--report-to` names, without "none"; JobError for an unknown name, "none"
+    beside others, or a dashboard whose package is not installed."""
+    names = report_to.split(",") if isinstance(report_to, str) else list(report_to)
+    names = [name.strip() for name in names]
+    for name in names:
+        if name not in REPORT_CHOICES:
+            raise JobError(
+                f"--report-to {name!r}: choose from {', '.join(REPORT_CHOICES)} (several "
+                "comma-separated)"
+            )
+    if "none" in names and len(names) > 1:
+        raise JobError(f"--report-to {','.join(names)}: 'none' cannot go with other dashboards")
+    targets = [name for name in dict.fromkeys(names) if name != "none"]
+    for name in targets:
+        if importlib.util.find_spec(name) is None:
+            raise JobError(
+                f"--report-to {name} needs the {name} package: pip install 'jpeft[{name}]'"
+            )
+    return targets
 
 
 def _check_targets(targets: str | list[str] | None) -> None:

@@ -70,14 +70,15 @@ def files_not_written_by_jpeft(folder: Path) -> list[str] | None:
 
 
 def write_outputs(output_dir: Path, adapter, metrics: dict[str, Any]) -> None:
-    """metrics.json, loss.png, adapter/ (PEFT format) and the marker into `output_dir`, whole.
+    """metrics.json, loss.png, adapter/ (PEFT format, with its model card) and the marker into
+    `output_dir`, whole.
 
     A folder that appeared meanwhile and is not a jpeft run is left alone: the outputs are
     then kept in their temporary folder and the error says where.
     """
     partial = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=_made(output_dir.parent)))
     try:
-        jpeft.save_pretrained(adapter, partial / "adapter")
+        jpeft.save_pretrained(adapter, partial / "adapter", metrics=card_metrics(metrics))
         plot_loss(metrics["loss"], partial / "loss.png")
         (partial / "metrics.json").write_text(json.dumps(metrics, indent=2))
         files = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if not p.is_dir())
@@ -100,6 +101,20 @@ def write_outputs(output_dir: Path, adapter, metrics: dict[str, Any]) -> None:
     partial.rename(output_dir)
     if previous is not None:
         shutil.rmtree(previous)
+
+
+def card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the adapter's model card shows of a run: the scores before and after training, and
+    how long and how it trained."""
+    config = metrics["config"]
+    scores = {k: v for k, v in metrics.items() if k.endswith(("_before", "_after"))}
+    return scores | {
+        "steps": metrics["steps"],
+        "batch_size": config["batch_size"],
+        "lr": config["lr"],
+        "train_examples": metrics["train_examples"],
+        "train_seconds": metrics["train_seconds"],
+    }
 
 
 def _made(folder: Path) -> Path:
