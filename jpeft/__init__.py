@@ -4,7 +4,18 @@ Every registered method's config class is exported here by name (`jpeft.LoraConf
 `jpeft.LoHaConfig`, ...), from the registry: a method file in `jpeft/methods/` is all it takes.
 """
 
-from jpeft import checkpoint, injection, memory, methods, mixed, models, ops, sharding, train
+from jpeft import (
+    checkpoint,
+    export,
+    injection,
+    memory,
+    methods,
+    mixed,
+    models,
+    ops,
+    sharding,
+    train,
+)
 from jpeft.adapter import Adapter, is_trainable, partition
 from jpeft.hotswap import pad_to
 from jpeft.injection import init_adapter, inject, merge, prepare, prompt_of, unmerge
@@ -27,6 +38,7 @@ __all__ = [
     "add_weighted_adapter",
     "checkpoint",
     "combine",
+    "export",
     "init_adapter",
     "injection",
     "inject",

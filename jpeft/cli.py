@@ -1,4 +1,5 @@
-"""The `jpeft` command: `jpeft finetune` (the main job), `jpeft generate` and `jpeft serve`.
+"""The `jpeft` command: `jpeft finetune` (the main job), `jpeft generate`, `jpeft serve` and
+`jpeft export`.
 
 User mistakes (a missing model file, a data file without the needed columns, an unknown method, a
 sequence length the model cannot take, a bad adapter file: every ValueError jpeft raises on user
@@ -75,6 +76,11 @@ def finetune_parser(sub) -> None:
         "checkpoint_every": "steps between checkpoints",
         "remat": "activation checkpointing per layer: dots (keep matmul outputs), full (keep "
         "layer inputs only) or none",
+        "report_to": "live training dashboards: tensorboard, wandb, both comma-separated, or none "
+        "(loss, learning rate, tokens/s per step; scores, parameter counts and the run config); "
+        "W&B runs offline when no API key is configured",
+        "logging_dir": "the dashboards' folder (outside --output-dir): each run writes to a new "
+        "<logging-dir>/<date-time>-<method>/ (tensorboard --logdir <logging-dir> shows them)",
     }
     parser.add_argument(
         "--config",
@@ -140,6 +146,102 @@ def serve_parser(sub) -> None:
     parser.add_argument(
         "--batch-window-ms", type=float, default=10.0, help="how long to gather a batch"
     )
+
+
+EXPORT_FORMATS = {
+    "hf": "a merged Hugging Face checkpoint folder (config, safetensors, tokenizer)",
+    "gguf": "a merged GGUF file for llama.cpp",
+    "gguf-lora": "the LoRA adapter alone as a llama.cpp GGUF LoRA file",
+}
+
+
+def export_parser(sub) -> None:
+    parser = sub.add_parser("export", help="write a fine-tuned model for deployment tools")
+    parser.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2)")
+    parser.add_argument("--adapter", default=None, help="a PEFT adapter directory to merge in")
+    parser.add_argument(
+        "--adapter-name", default=None, help="which adapter of a multi-adapter directory"
+    )
+    parser.add_argument("--out", required=True, help="the new folder (hf) or file (gguf) to write")
+    parser.add_argument(
+        "--format",
+        default="hf",
+        choices=list(EXPORT_FORMATS),
+        help="; ".join(f"{name}: {text}" for name, text in EXPORT_FORMATS.items()),
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="hf: float32, float16 or bfloat16 (default: the loaded model's, float32)",
+    )
+    parser.add_argument(
+        "--max-shard-size", default="5GB", help="hf: larger checkpoints are written in shards"
+    )
+    parser.add_argument(
+        "--quantize",
+        default=None,
+        choices=["nf4", "fp4"],
+        help="hf: load the base 4-bit and keep it 4-bit (bitsandbytes format) in the export",
+    )
+    parser.add_argument(
+        "--outtype", default=None, help="gguf: the tensor type, e.g. f32, f16, bf16, q8_0"
+    )
+    parser.add_argument(
+        "--no-tokenizer",
+        action="store_true",
+        help="hf, gguf: write no tokenizer (for a base folder without one)",
+    )
+
+
+def run_export(args: argparse.Namespace) -> None:
+    import jpeft
+    from jpeft import export
+    from jpeft.export.hf_checkpoint import parse_size
+    from jpeft.export.merged import EXPORT_DTYPES
+    from jpeft.export.staging import check_new
+    from jpeft.finetune.job import default_model_path
+
+    path = args.model or default_model_path()
+    if args.dtype is not None and args.dtype not in EXPORT_DTYPES:
+        raise JobError(f"--dtype {args.dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
+    parse_size(args.max_shard_size)
+    if args.format == "gguf-lora" and args.adapter is None:
+        raise JobError("--format gguf-lora exports an adapter: give --adapter DIR")
+    if args.format != "hf" and (args.dtype or args.quantize):
+        raise JobError(
+            f"--dtype and --quantize apply to --format hf; for {args.format} use --outtype"
+        )
+    if args.format == "hf" and args.outtype:
+        raise JobError("--outtype applies to the gguf formats; for --format hf use --dtype")
+    check_new(args.out, "--out")
+    _, params = jpeft.models.from_pretrained(path, quantize=args.quantize)
+    adapter = None
+    if args.adapter:
+        adapter = jpeft.load_pretrained(args.adapter, params, adapter_name=args.adapter_name)
+    if isinstance(adapter, dict):
+        raise JobError(
+            f"--adapter {args.adapter} holds several adapters ({', '.join(adapter)}); choose one "
+            "with --adapter-name"
+        )
+    gguf_options = {} if args.outtype is None else {"outtype": args.outtype}
+    if args.format == "hf":
+        written = export.save_merged_checkpoint(
+            args.out,
+            path,
+            params,
+            adapter,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            keep_4bit=args.quantize is not None,
+            tokenizer=not args.no_tokenizer,
+        )
+    elif args.format == "gguf":
+        written = export.save_merged_gguf(
+            args.out, path, params, adapter, tokenizer=not args.no_tokenizer, **gguf_options
+        )
+    else:
+        written = export.save_lora_gguf(args.out, adapter, params, base=path, **gguf_options)
+    print(f"wrote {written}")
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -233,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     finetune_parser(sub)
     generate_parser(sub)
     serve_parser(sub)
+    export_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:  # plain `jpeft` runs the main job
         args = parser.parse_args(["finetune"])
@@ -241,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             run_finetune(args, explicit_options(argv))
         elif args.command == "serve":
             run_serve(args)
+        elif args.command == "export":
+            run_export(args)
         else:
             run_generate(args)
     except (*USER_ERRORS, RunStopped, KeyboardInterrupt, Terminated) as err:

@@ -7,6 +7,9 @@ from typing import Any
 
 from jpeft.gguf_file import is_gguf_path, metadata, open_reader
 
+# A folder holds a tokenizer when it has one of these (transformers would otherwise build an
+# empty one from config.json alone).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 SPECIAL_TOKEN_IDS = {
     "bos_token": "bos_token_id",
     "eos_token": "eos_token_id",
@@ -22,7 +25,7 @@ def load_tokenizer(path: str | Path, **kwargs: Any) -> Any:
     A GGUF tokenizer is rebuilt from the `tokenizer.ggml.*` metadata (see `gguf_tokenizer`), with
     the `tokenizer.chat_template` when the file has one. Only local files are read. Raises
     FileNotFoundError for a missing path, ValueError naming the file when no tokenizer can be
-    built from it.
+    built from it (a folder without tokenizer files among them).
     """
     file = Path(path)
     if is_gguf_path(file):
@@ -33,6 +36,8 @@ def load_tokenizer(path: str | Path, **kwargs: Any) -> Any:
         return gguf_tokenizer(file)
     if not file.is_dir():
         raise FileNotFoundError(f"no checkpoint directory or .gguf file at {str(path)!r}")
+    if not any((file / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{str(path)!r} holds no tokenizer: none of {list(TOKENIZER_FILES)}")
     from transformers import AutoTokenizer  # imported here: it is slow and only needed here
 
     try:

@@ -85,8 +85,8 @@ def _tokenizer(base: str | os.PathLike) -> Any:
         return load_tokenizer(base)
     except (OSError, ValueError) as err:
         raise ValueError(
-            f"cannot export the tokenizer of {base} ({err}); pass tokenizer=False (--no-tokenizer)"
-            " to export the weights without one"
+            f"cannot export the tokenizer of {base} ({err}); pass tokenizer=False (jpeft export "
+            "--no-tokenizer) to export the weights without one"
         ) from None
 
 

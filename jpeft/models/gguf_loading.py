@@ -59,6 +59,11 @@ _LAYER_NAMES = {
 }
 _LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _TOP_LEVEL_PATTERN = re.compile(r"(\w+)\.(weight|bias)")
+# The inverse maps, HF -> GGUF (for exports).
+_GGUF_TOP_LEVEL_NAMES = {hf: name for name, hf in _TOP_LEVEL_NAMES.items()}
+_GGUF_LAYER_NAMES = {hf: name for name, hf in _LAYER_NAMES.items()}
+_HF_LAYER_PATTERN = re.compile(r"model\.layers\.(\d+)\.(\w+(?:\.\w+)?)\.(weight|bias)")
+_HF_TOP_LEVEL_PATTERN = re.compile(r"((?:model\.)?\w+)\.(weight|bias)")
 # Llama 3.1 rope scaling, which llama.cpp bakes into `rope_freqs.weight`; only `factor` varies
 # between the released Llama 3.x models.
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
@@ -217,6 +222,27 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     return None
 
 
+def gguf_tensor_name(hf_name: str) -> str | None:
+    """The GGUF name of HF tensor `hf_name` (the inverse of `hf_tensor_name`), or None if it has
+    none. E.g. `model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`."""
+    if match := _HF_LAYER_PATTERN.fullmatch(hf_name):
+        layer, module, leaf = match.groups()
+        if module in _GGUF_LAYER_NAMES:
+            return f"blk.{layer}.{_GGUF_LAYER_NAMES[module]}.{leaf}"
+    elif match := _HF_TOP_LEVEL_PATTERN.fullmatch(hf_name):
+        module, leaf = match.groups()
+        if module in _GGUF_TOP_LEVEL_NAMES:
+            return f"{_GGUF_TOP_LEVEL_NAMES[module]}.{leaf}"
+    return None
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter's rotary permutation of a q/k weight `[n_head * head_dim, ...]` or
+    bias (same shape out): the inverse of `unpermute_rows`."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's rotary permutation of a q/k weight `[n_head * head_dim, in]` or bias
     `[n_head * head_dim]` (same shape out).
@@ -228,12 +254,19 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def rotary_heads(hf_name: str, config: ModelConfig) -> int | None:
+    """The head count by which llama.cpp's converter permutes the rows of HF tensor `hf_name`
+    (for the architectures in PERMUTED_QK_ARCHITECTURES): `num_attention_heads` for q_proj,
+    `num_key_value_heads` for k_proj (weight or bias); None for the other tensors."""
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    return heads.get(hf_name.split(".")[-2])
+
+
 def iter_gguf_tensors(
     reader: GGUFReader, config: ModelConfig, permuted: bool, source: str
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield `(hf_name, float32 array)` per tensor, dequantized one at a time; with `permuted`,
-    q/k rows are un-permuted (`n_head` for q, `n_head_kv` for k)."""
-    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    q/k rows are un-permuted (see `rotary_heads`)."""
     for tensor in reader.tensors:
         if tensor.name == ROPE_FREQS:  # already folded into the config's rope scaling
             continue
@@ -244,7 +277,7 @@ def iter_gguf_tensors(
                 f"{config.model_type} model has no place for"
             )
         array = dequantize(tensor.data, tensor.tensor_type)
-        n_head = heads.get(name.split(".")[-2])
+        n_head = rotary_heads(name, config)
         # A wrong row count is left for `place_tensors` to report as a shape mismatch.
         if permuted and n_head and array.shape[0] == n_head * config.head_dim:
             array = unpermute_rows(array, n_head)

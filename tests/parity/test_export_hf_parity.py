@@ -104,6 +104,15 @@ def test_every_family(family, tmp_path):
     )
 
 
+def test_a_base_without_tokenizer_needs_tokenizer_false(tmp_path):
+    from hf_bases import build_base
+
+    path, _, params, _ = build_base("llama", tmp_path / "base")
+    with pytest.raises(ValueError, match="holds no tokenizer.*--no-tokenizer"):
+        save_merged_checkpoint(tmp_path / "merged", path, params)
+    assert not (tmp_path / "merged").exists()
+
+
 def test_shards_and_bfloat16(base, tmp_path):
     path, model, params, ids = base
     adapter = perturbed(fresh(base, "lora"))
