@@ -149,7 +149,7 @@ def test_help_lists_the_options(command, capsys, monkeypatch):
         assert "prefix-tuning" in out and "top 40%" in out
 
 
-@pytest.mark.parametrize("base", ["float", "nf4"])
+@pytest.mark.parametrize("base", ["float", pytest.param("nf4", marks=pytest.mark.slow)])
 def test_sharded_job_gives_the_single_device_run(tiny_checkpoint, topic_csv, tmp_path, base):
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     quantize = [] if base == "float" else ["--quantize", base]

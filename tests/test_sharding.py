@@ -182,6 +182,7 @@ def test_training_on_a_2x2x2_mesh_gives_the_single_device_losses(params, mesh, m
     np.testing.assert_allclose(train_losses(params, config, mesh), single, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_remat_keeps_the_losses(params, mesh):
     expected = train_losses(params, ADAPTERS["lora"], mesh, steps=2)
     for remat in ("dots", "full"):
