@@ -215,14 +215,7 @@ def run_export(args: argparse.Namespace) -> None:
         raise JobError("--outtype applies to the gguf formats; for --format hf use --dtype")
     check_new(args.out, "--out")
     _, params = jpeft.models.from_pretrained(path, quantize=args.quantize)
-    adapter = None
-    if args.adapter:
-        adapter = jpeft.load_pretrained(args.adapter, params, adapter_name=args.adapter_name)
-    if isinstance(adapter, dict):
-        raise JobError(
-            f"--adapter {args.adapter} holds several adapters ({', '.join(adapter)}); choose one "
-            "with --adapter-name"
-        )
+    adapter = chosen_adapter(args, params)
     gguf_options = {} if args.outtype is None else {"outtype": args.outtype}
     if args.format == "hf":
         written = export.save_merged_checkpoint(
@@ -289,6 +282,22 @@ def run_finetune(args: argparse.Namespace, explicit: set[str]) -> None:
     run(FinetuneConfig(**options))
 
 
+def chosen_adapter(args: argparse.Namespace, params):
+    """The adapter `--adapter` (and `--adapter-name`) name, loaded on `params`; None without one.
+    JobError for a multi-adapter folder without `--adapter-name`."""
+    import jpeft
+
+    if not args.adapter:
+        return None
+    adapter = jpeft.load_pretrained(args.adapter, params, adapter_name=args.adapter_name)
+    if isinstance(adapter, dict):
+        raise JobError(
+            f"--adapter {args.adapter} holds several adapters ({', '.join(adapter)}); choose one "
+            "with --adapter-name"
+        )
+    return adapter
+
+
 def run_generate(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
 
@@ -300,14 +309,7 @@ def run_generate(args: argparse.Namespace) -> None:
     path = args.model or default_model_path()
     model, params = jpeft.models.from_pretrained(path)
     tokenizer = jpeft.models.load_tokenizer(path)
-    adapter = None
-    if args.adapter:
-        adapter = jpeft.load_pretrained(args.adapter, params, adapter_name=args.adapter_name)
-    if isinstance(adapter, dict):
-        raise JobError(
-            f"--adapter {args.adapter} holds several adapters ({', '.join(adapter)}); choose one "
-            "with --adapter-name"
-        )
+    adapter = chosen_adapter(args, params)
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": args.prompt}]
         ids = tokenizer.apply_chat_template(

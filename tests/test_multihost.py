@@ -17,6 +17,9 @@ from test_sharding import ADAPTERS, MODEL, train_losses
 import jpeft
 from jpeft.quant import QuantConfig, quantize_params
 
+# Two JAX processes take most of a minute to start and compile: not in the README's fast set.
+pytestmark = pytest.mark.slow
+
 WORKER = Path(__file__).with_name("multihost_worker.py")
 
 
