@@ -307,7 +307,10 @@ def last_line(err: str) -> str:
     return err.strip().splitlines()[-1].split("\r")[-1]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+# SIGTERM takes the same path as Ctrl-C but for its exit code: in the slow set.
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)]
+)
 def test_signals_during_training_stop_cleanly(signum, tiny_checkpoint, topic_csv, tmp_path):
     out, checkpoints = tmp_path / "run", tmp_path / "checkpoints"
     args = job_args(tiny_checkpoint, topic_csv, out, "--steps", 100000)

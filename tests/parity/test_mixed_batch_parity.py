@@ -125,6 +125,7 @@ def test_mixed_training_gradients_are_each_adapters_own(setup, base):
                 )
 
 
+@pytest.mark.slow
 def test_mixed_training_on_a_mesh_gives_the_same_losses(setup):
     """Two Adam steps of the library's train step on the bank, on one device and on a
     (data, fsdp, model) = (2, 2, 2) mesh."""
