@@ -10,8 +10,9 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def check_new(path: str | os.PathLike, what: str) -> Path:
@@ -32,32 +33,41 @@ def check_new(path: str | os.PathLike, what: str) -> Path:
 @contextlib.contextmanager
 def staged_dir(path: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it becomes `path` by one rename."""
-    out = check_new(path, what)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with _staged(path, what, _new_dir, lambda p: shutil.rmtree(p, ignore_errors=True)) as partial:
         yield partial
-        if out.exists():  # appeared while writing: still never replace it
-            raise ValueError(f"{path} appeared while exporting; the export was not written")
-        os.rename(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 @contextlib.contextmanager
 def staged_file(path: str | os.PathLike, what: str = "output file") -> Iterator[Path]:
     """Yield a temporary file path beside `path`; on success it becomes `path` by one rename."""
+    with _staged(path, what, _new_file, lambda p: p.unlink(missing_ok=True)) as partial:
+        yield partial
+
+
+@contextlib.contextmanager
+def _staged(
+    path: str | os.PathLike, what: str, make: Callable[[Path], Path], remove: Callable[[Path], Any]
+) -> Iterator[Path]:
+    """`make(out)` a hidden sibling of the new `path`, yield it, rename it to `path`; on any
+    failure (Ctrl-C too) `remove` it."""
     out = check_new(path, what)
     out.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
-    os.close(handle)
-    partial = Path(name)
+    partial = make(out)
     try:
         yield partial
         if out.exists():  # appeared while writing: still never replace it
             raise ValueError(f"{path} appeared while exporting; the export was not written")
         os.rename(partial, out)
     except BaseException:
-        partial.unlink(missing_ok=True)
+        remove(partial)
         raise
+
+
+def _new_dir(out: Path) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def _new_file(out: Path) -> Path:
+    handle, name = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
+    os.close(handle)
+    return Path(name)
