@@ -117,7 +117,7 @@ def inject(
     config's registered method; `jpeft.mixed` passes its bank's).
     """
     method = method or method_for(adapter.config)
-    out = _apply_overrides(params, adapter.overrides)
+    out = apply_overrides(params, adapter.overrides)
     if method.is_prompt_learning:
         return out
     groups = _group_by_tree_path(params, adapter.weights)
@@ -151,34 +151,52 @@ def _group_by_tree_path(params, weights) -> dict[str, dict[int | None, str]]:
 
 
 def _make_node(method: WeightMethod, adapter: Adapter, base, layer_names, num_layers, dropout_key):
+    inputs = node_inputs(method, adapter, jtree.leaf_shape(base), layer_names, num_layers)
+    keys = dropout_key
+    if dropout_key is not None and num_layers is not None:
+        keys = jax.random.split(dropout_key, num_layers)
+    return method.make_node(base, *inputs, keys, adapter.config)
+
+
+def node_inputs(
+    method: WeightMethod,
+    adapter: Adapter,
+    base_shape: tuple[int, ...],
+    layer_names: Mapping[int | None, str],
+    num_layers: int | None,
+) -> tuple[Pieces, Pieces, dict[str, Array], Array | None]:
+    """(pieces, frozen, constants, active) of `make_node` for one base weight of `base_shape`.
+
+    `layer_names` maps a layer index to the adapter's module name there ({None: name} for an
+    unstacked weight); a stacked weight ([L, out, in], `num_layers` L) gets its pieces stacked
+    (`stack_layers`), its constants per layer and the mask of the layers the adapter has.
+    """
     config = adapter.config
     shared = adapter.frozen.get(SHARED, {})  # not stacked: the same arrays for every layer
     if num_layers is None:
         name = layer_names[None]
         pieces = adapter.weights[name]
-        method.check_shapes(config, name, jtree.leaf_shape(base), pieces)
+        method.check_shapes(config, name, tuple(base_shape), pieces)
         constants = {
             k: jnp.float32(v) for k, v in method.module_constants(config, name, pieces).items()
         }
-        frozen = {**shared, **adapter.frozen.get(name, {})}
-        return method.make_node(base, pieces, frozen, constants, None, dropout_key, config)
+        return pieces, {**shared, **adapter.frozen.get(name, {})}, constants, None
     for layer, name in layer_names.items():
         if not 0 <= layer < num_layers:
             raise ValueError(
                 f"adapter module {name!r}: layer {layer} does not exist, the model has "
                 f"{num_layers} layers"
             )
-        method.check_shapes(config, name, jtree.leaf_shape(base)[1:], adapter.weights[name])
-    pieces = _stack_layers(adapter.weights, layer_names, num_layers)
-    frozen = {**shared, **_stack_layers(adapter.frozen, layer_names, num_layers)}
+        method.check_shapes(config, name, tuple(base_shape[1:]), adapter.weights[name])
+    pieces = stack_layers(adapter.weights, layer_names, num_layers)
+    frozen = {**shared, **stack_layers(adapter.frozen, layer_names, num_layers)}
     constants = _stack_constants(method, config, adapter.weights, layer_names, num_layers)
     active = np.zeros(num_layers, bool)
     active[list(layer_names)] = True
-    keys = None if dropout_key is None else jax.random.split(dropout_key, num_layers)
-    return method.make_node(base, pieces, frozen, constants, jnp.asarray(active), keys, config)
+    return pieces, frozen, constants, jnp.asarray(active)
 
 
-def _stack_layers(per_module: Mapping[str, Pieces], layer_names, num_layers) -> Pieces:
+def stack_layers(per_module: Mapping[str, Pieces], layer_names, num_layers) -> Pieces:
     """Stack each piece over layers: [L, *max shape], zero-padded, zeros where absent."""
     present = [per_module[name] for name in layer_names.values() if name in per_module]
     if not present:
@@ -226,7 +244,8 @@ def _stack_constants(method, config, weights, layer_names, num_layers) -> dict[s
     return {key: jnp.asarray(value) for key, value in values.items()}
 
 
-def _apply_overrides(params: Mapping[str, Any], overrides: Mapping[str, Array]):
+def apply_overrides(params: Mapping[str, Any], overrides: Mapping[str, Array]):
+    """`params` with each override (`Adapter.overrides`, by HF parameter name) in place."""
     out = params
     for name, value in overrides.items():
         tree_path, layer = jtree.hf_param_path(params, name)

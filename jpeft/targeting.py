@@ -118,7 +118,10 @@ def resolve_targets(
             )
         config = config.replace(target_modules=tuple(defaults[model_type]))
     modules = hf_modules(params)
+    heads = getattr(params, "output_heads", ())  # a jpeft.flax model's own head, if it has one
     matched = [ref for ref in modules if matches_target(config, ref)]
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
+        matched = [ref for ref in matched if ref.name not in heads]
     if not matched:
         targets = config.target_modules
         shown = list(targets) if isinstance(targets, tuple) else targets

@@ -10,7 +10,7 @@ not numbered carries the layer index on its leading axis, so `model.layers.self_
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -111,7 +111,7 @@ def hf_modules(params: Mapping[str, Any]) -> list[ModuleRef]:
         parts = tree_path.split(".")
         stacked_at = _stacked_position(params, parts)
         shape = leaf_shape(leaf)
-        kind = "embedding" if parts[-1] in EMBEDDING_NAMES else "linear"
+        kind = module_kind(params, tree_path)
         if stacked_at is None:
             if len(shape) == 2:
                 refs.append(ModuleRef(tree_path, tree_path, None, kind, shape))
@@ -122,6 +122,29 @@ def hf_modules(params: Mapping[str, Any]) -> list[ModuleRef]:
             name = ".".join(parts[: stacked_at + 1] + [str(layer)] + parts[stacked_at + 1 :])
             refs.append(ModuleRef(name, tree_path, layer, kind, shape[1:]))
     return refs
+
+
+class ModelView(dict):
+    """A param tree in the per-layer HF view of a model jpeft did not write (`jpeft.flax`): it
+    names the modules that are embedding tables and the output head ("all-linear" leaves it
+    out), which module names alone cannot tell."""
+
+    def __init__(
+        self,
+        tree: Mapping[str, Any],
+        embeddings: Collection[str] = (),
+        output_heads: Collection[str] = (),
+    ):
+        super().__init__(tree)
+        self.embeddings = frozenset(embeddings)
+        self.output_heads = frozenset(output_heads)
+
+
+def module_kind(params: Mapping[str, Any], module: str) -> str:
+    """ "embedding" for an embedding table's module, else "linear"."""
+    if module in getattr(params, "embeddings", ()) or module.split(".")[-1] in EMBEDDING_NAMES:
+        return "embedding"
+    return "linear"
 
 
 TIED_HEAD, TIED_TABLE = "lm_head.weight", "model.embed_tokens.weight"

@@ -23,6 +23,7 @@ def sharded_state(params, mesh, optimizer):
     return trainable, opt_state
 
 
+@pytest.mark.slow  # 17 s: in the slow set
 def test_state_saved_on_one_mesh_restores_onto_another_and_onto_one_device(tmp_path):
     params = MODEL.init(jax.random.key(0))
     optimizer = optax.adamw(1e-2)

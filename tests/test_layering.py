@@ -44,7 +44,7 @@ LAYERS = [
     ),
     ("jpeft.mixed",),
     ("jpeft.sharding",),
-    ("jpeft.models",),
+    ("jpeft.models", "jpeft.flax"),
     ("jpeft.train", "jpeft.checkpoint"),
     ("jpeft.memory",),
     ("jpeft.export",),

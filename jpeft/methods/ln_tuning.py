@@ -79,7 +79,7 @@ def parameter_modules(params: Mapping[str, Any]) -> dict[str, ModuleRef]:
         if len(shape) == 1:
             kind = "norm"
         else:
-            kind = "embedding" if module.split(".")[-1] in jtree.EMBEDDING_NAMES else "linear"
+            kind = jtree.module_kind(params, module)
         refs[module] = ModuleRef(module, tree_path.rpartition(".")[0], layer, kind, shape)
     return refs
 

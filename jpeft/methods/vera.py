@@ -236,7 +236,7 @@ class Vera(LowRankMethod):
         out_dim, in_dim = jtree.leaf_shape(base)[-2:]
         vera_a, vera_b = shared_projections(frozen, config, out_dim, in_dim)
         vera_a, vera_b = vera_a[:, :in_dim], vera_b[:out_dim, :]
-        if active is not None:
+        if active is not None and jnp.ndim(active) == 1:  # stacked (not one layer of a scan)
             layers = active.shape[0]
             vera_a = jnp.broadcast_to(vera_a, (layers, *vera_a.shape))
             vera_b = jnp.broadcast_to(vera_b, (layers, *vera_b.shape))
