@@ -25,6 +25,7 @@ from jpeft.flax import linen as peft_linen
 from jpeft.flax import nnx as peft_nnx
 from jpeft.method import JobSpec, WeightMethod
 from jpeft.quant.params import QuantConfig
+from jpeft.sharding import placement
 
 WEIGHT_METHODS = sorted(n for n, m in jpeft.registered().items() if isinstance(m, WeightMethod))
 # The methods the fast suite runs on both frameworks; the rest run with `-m slow`.
@@ -126,7 +127,7 @@ def test_names_follow_module_paths_with_the_layer_index_after_the_stack(toy):
 
 
 def test_training_gradients_are_adapter_sized_and_move_only_the_adapter(toy):
-    config = jpeft.LoraConfig(r=2, target_modules=["q", "up"], lora_dropout=0.1)
+    config = jpeft.LoraConfig(r=2, target_modules=["q", "up", "conv"], lora_dropout=0.1)
     adapter = toy.peft.init_adapter(toy.params, config, key=jax.random.key(0))
     optimizer = optax.adam(1e-2)
 
@@ -246,35 +247,52 @@ def test_recurrentgemma_griffin_linen_lora_trains_and_merges():
     )
 
 
-def test_tunix_llama3_nnx_lora_trains_with_nnx_optimizer_and_merges():
-    from tunix.models.llama3 import model as llama3
+class TunixLlama:
+    """tunix's NNX Llama 3, tiny, random (its MLP kernels start at zero there: randomized)."""
 
-    config = llama3.ModelConfig(
-        num_layers=2,
-        vocab_size=64,
-        embed_dim=32,
-        hidden_dim=64,
-        num_heads=4,
-        head_dim=8,
-        num_kv_heads=2,
-        rope_theta=10_000,
-        norm_eps=1e-5,
-    )
-    model = llama3.Llama3(config, rngs=nnx.Rngs(0))
-    kernels = nnx.state(model, nnx.Param)  # tunix starts its MLP kernels at zero: randomize
-    keys = iter(jax.random.split(jax.random.key(5), 64))
-    nnx.update(
-        model,
-        jax.tree_util.tree_map_with_path(
-            lambda path, x: (
-                0.2 * jax.random.normal(next(keys), x.shape) if "kernel" in str(path) else x
+    def __init__(self):
+        from tunix.models.llama3 import model as llama3
+
+        self.config = llama3.ModelConfig(
+            num_layers=2,
+            vocab_size=64,
+            embed_dim=32,
+            hidden_dim=64,
+            num_heads=4,
+            head_dim=8,
+            num_kv_heads=2,
+            rope_theta=10_000,
+            norm_eps=1e-5,
+        )
+        model = llama3.Llama3(self.config, rngs=nnx.Rngs(0))
+        kernels = nnx.state(model, nnx.Param)
+        keys = iter(jax.random.split(jax.random.key(5), 64))
+        nnx.update(
+            model,
+            jax.tree_util.tree_map_with_path(
+                lambda path, x: (
+                    0.2 * jax.random.normal(next(keys), x.shape) if "kernel" in str(path) else x
+                ),
+                kernels,
             ),
-            kernels,
-        ),
-    )
-    ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 8)), jnp.int32)
-    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((8, 8), bool)), (2, 8, 8))
+        )
+        self.model = model
+        self.ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 8)), jnp.int32)
+        self.pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+        self.mask = jnp.broadcast_to(jnp.tril(jnp.ones((8, 8), bool)), (2, 8, 8))
+
+    def call_args(self):
+        return self.ids, self.pos, None, self.mask
+
+
+@pytest.fixture(scope="module")
+def tunix():
+    return TunixLlama()
+
+
+def test_tunix_llama3_nnx_lora_trains_with_nnx_optimizer_and_merges(tunix):
+    model = nnx.clone(tunix.model)  # its layers get wrapped in place below
+    ids, pos, mask = tunix.ids, tunix.pos, tunix.mask
     peft = peft_nnx.PeftModel(model)
     graphdef, state = nnx.split(model)
     lora = jpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])
@@ -342,3 +360,164 @@ def check_training(adapted, plain_on, merge, adapter, ids, steps: int = 5):
         values.append(float(value))
     assert values[-1] < values[0] - 1e-3, values
     close(plain_on(merge(adapter)), adapted(adapter))
+
+
+# ---------------------------------------------------------------------------------------------
+# sharding: the adapter's specs from the kernels' own annotations
+
+
+def annotated_linen():
+    import flax.linen as nn
+
+    def split(*names):
+        return nn.with_partitioning(nn.initializers.lecun_normal(), names)
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            q = nn.DenseGeneral((4, 4), kernel_init=split(None, "model", None), name="q")(x)
+            x = x + q.reshape(*x.shape[:-1], 16)
+            h = nn.Dense(32, kernel_init=split(None, "model"), name="up")(x)
+            return x + nn.Dense(16, kernel_init=split("model", None), name="down")(h)
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            x = nn.Embed(VOCAB, 16, name="embed")(ids)
+            for i in range(2):
+                x = Block(name=f"block_{i}")(x)
+            return nn.Dense(VOCAB, name="lm_head")(x)
+
+    return Model()
+
+
+class AnnotatedNnx(nnx.Module):
+    def __init__(self, rngs):
+        def split(*names):
+            return nnx.with_partitioning(nnx.initializers.lecun_normal(), names)
+
+        self.embed = nnx.Embed(VOCAB, 16, rngs=rngs)
+        self.q = nnx.LinearGeneral(16, (4, 4), kernel_init=split(None, "model", None), rngs=rngs)
+        self.up = nnx.Linear(16, 32, kernel_init=split(None, "model"), rngs=rngs)
+        self.down = nnx.Linear(32, 16, kernel_init=split("model", None), rngs=rngs)
+        self.lm_head = nnx.Linear(16, VOCAB, rngs=rngs)
+
+    def __call__(self, ids):
+        x = self.embed(ids)
+        x = x + self.q(x).reshape(*x.shape[:-1], 16)
+        return self.lm_head(x + self.down(self.up(x)))
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_adapter_specs_follow_the_kernels_annotations_and_sharded_logits_match(framework):
+    mesh = jpeft.sharding.make_mesh(data=2, fsdp=1, model=4)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, VOCAB, (2, 6)), jnp.int32)
+    if framework == "linen":
+        module = annotated_linen()
+        params = module.init(jax.random.key(0), ids)
+        peft = peft_linen.PeftModel(module, params, ids)
+        prefix = "block_0."
+    else:
+        with jax.set_mesh(mesh):
+            model = AnnotatedNnx(nnx.Rngs(0))
+        peft = peft_nnx.PeftModel(model)
+        _, params = nnx.split(model)
+        prefix = ""
+    config = jpeft.LoraConfig(r=4, target_modules=["q", "up", "down"], init_lora_weights=False)
+    adapter = peft.init_adapter(params, config, key=jax.random.key(1))
+    specs = peft.adapter_specs(params, adapter, mesh)
+    P = jax.sharding.PartitionSpec
+    assert specs.weights[f"{prefix}q"] == {
+        "lora_A.weight": P(None, None),
+        "lora_B.weight": P("model", None),
+    }  # heads: major
+    assert specs.weights[f"{prefix}up"]["lora_B.weight"] == P("model", None)
+    assert specs.weights[f"{prefix}down"]["lora_A.weight"] == P(None, "model")
+    expected = peft.apply(params, ids, adapter=adapter)
+    sharded = jax.device_put(adapter, placement.named(mesh, specs))
+    assert sharded.weights[f"{prefix}up"]["lora_B.weight"].sharding.spec == P("model", None)
+    logits = jax.jit(lambda p, a: peft.apply(p, ids, adapter=a))(params, sharded)
+    close(logits, expected)
+
+
+def test_tunix_llama3_adapter_exports_to_peft_on_transformers_and_back(tunix, tmp_path):
+    """The module-name map makes jpeft's adapter a PEFT adapter for transformers' Llama holding
+    the same weights, and a PEFT adapter made there an adapter of the tunix model."""
+    import torch
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from jpeft.flax import rename
+
+    peft = peft_nnx.PeftModel(tunix.model)
+    _, state = nnx.split(tunix.model)
+    hf = llama_with_tunix_weights(tunix, state)
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    lora = jpeft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    adapter = peft.init_adapter(state, lora, key=jax.random.key(3))
+    expected = peft.apply(state, *tunix.call_args(), adapter=adapter)[0]
+    to_hf = [(r"^layers\.", "model.layers.")]
+    jpeft.save_pretrained(rename(adapter, to_hf), tmp_path / "out")
+    loaded = PeftModel.from_pretrained(hf, tmp_path / "out")
+    with torch.no_grad():
+        got = loaded(torch.from_numpy(np.asarray(tunix.ids, np.int64))).logits.numpy()
+    close(got, expected, 1e-4)
+
+    made_there = get_peft_model(
+        llama_with_tunix_weights(tunix, state),
+        LoraConfig(r=2, target_modules=["up_proj"], init_lora_weights=False),
+    )
+    made_there.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        want = made_there(torch.from_numpy(np.asarray(tunix.ids, np.int64))).logits.numpy()
+    back = rename(jpeft.load_pretrained(tmp_path / "peft"), [(r"^model\.layers\.", "layers.")])
+    assert sorted(back.weights) == ["layers.0.mlp.up_proj", "layers.1.mlp.up_proj"]
+    close(peft.apply(state, *tunix.call_args(), adapter=back)[0], want, 1e-4)
+    assert isinstance(hf, transformers.LlamaForCausalLM)
+
+
+def llama_with_tunix_weights(tunix, state):
+    """transformers' LlamaForCausalLM holding the tunix model's weights."""
+    import torch
+    import transformers
+
+    c = tunix.config
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.embed_dim,
+            intermediate_size=c.hidden_dim,
+            num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads,
+            head_dim=c.head_dim,
+            num_key_value_heads=c.num_kv_heads,
+            rope_theta=c.rope_theta,
+            rms_norm_eps=c.norm_eps,
+            tie_word_embeddings=False,
+            max_position_embeddings=64,
+        )
+    ).eval()
+    params = state.to_pure_dict()
+    dim = c.embed_dim
+    tensors = {
+        "model.embed_tokens.weight": params["embedder"]["input_embedding"],
+        "model.norm.weight": params["final_norm"]["w"],
+        "lm_head.weight": params["lm_head"]["w"].T,
+    }
+    for i in range(c.num_layers):
+        layer, prefix = params["layers"][i], f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj"):
+            tensors[f"{prefix}self_attn.{name}.weight"] = (
+                layer["attn"][name]["w"].reshape(dim, -1).T
+            )
+        tensors[f"{prefix}self_attn.o_proj.weight"] = (
+            layer["attn"]["o_proj"]["w"].reshape(-1, dim).T
+        )
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            tensors[f"{prefix}mlp.{name}.weight"] = layer["mlp"][name]["kernel"].T
+        tensors[f"{prefix}input_layernorm.weight"] = layer["input_layernorm"]["w"]
+        tensors[f"{prefix}post_attention_layernorm.weight"] = layer["post_attention_layernorm"]["w"]
+    hf.load_state_dict(
+        {k: torch.from_numpy(np.array(v, np.float32)) for k, v in tensors.items()}, strict=True
+    )
+    return hf

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.core import meta
+from jax.sharding import Mesh
 
 from jpeft import injection, ops
 from jpeft import tree as jtree
@@ -38,6 +39,7 @@ from jpeft.flax import sites as flax_sites
 from jpeft.flax.sites import ADAPTER_ENTRY, ParamView, Site
 from jpeft.quant.formats import QuantizedTensor
 from jpeft.quant.params import QuantConfig
+from jpeft.sharding.adapter_specs import adapter_specs
 
 Array = jax.Array
 LAYER_CLASSES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed, nn.Conv)
@@ -154,6 +156,14 @@ class PeftModel:
         interceptor = _Interceptor(self._by_path, config)
         with nn.intercept_methods(interceptor):
             return self.module.apply({**variables, "params": params}, *args, **kwargs)
+
+    def adapter_specs(self, variables: Mapping[str, Any], adapter: Adapter, mesh: Mesh) -> Adapter:
+        """The adapter's `PartitionSpec`s on `mesh`: each piece's axes split as the kernel axes
+        they run along, read from the model's `nn.with_partitioning` annotations (LoRA's A
+        [r, in] follows the kernel's input axes, B [out, r] its output axes; `jpeft.sharding`)."""
+        view = self._param_view(variables)
+        own = flax_sites.flatten(nn.get_partition_spec(variables)["params"])
+        return adapter_specs(adapter, view.tree(), mesh, base=view.specs(own))
 
     # -- merge, quantize -----------------------------------------------------------------------
 
@@ -276,10 +286,16 @@ class _Interceptor:
             out = ops.embed(args[0], weight)
             return out.astype(layer.dtype or out.dtype)
         if site.kind == proj.CONV:
-            merged = weight.merged_weight() if entry is not None else ops.as_array(weight)
-            params = {k: v for k, v in own.items() if k != ADAPTER_ENTRY}
-            params[site.kernel_name] = site.kernel_from_view(merged)
-            return layer.clone(parent=None).apply({"params": params}, *args, **kwargs)
+
+            def run(x, kernel, with_bias):
+                params = {site.kernel_name: kernel}
+                if with_bias and "bias" in own:
+                    params["bias"] = own["bias"]
+                conv = layer.clone(parent=None, use_bias=with_bias and "bias" in own)
+                return conv.apply({"params": params}, x, *args[1:], **kwargs)
+
+            view = site.view(kernel)
+            return flax_sites.conv_output(site, view, weight, entry, self.config, args[0], run)
         x = args[0]
         stored = kernel.dtype if not isinstance(kernel, QuantizedTensor) else x.dtype
         dtype = layer.dtype or jnp.result_type(x, stored, *(own.get("bias", x),))

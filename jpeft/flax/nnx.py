@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from jpeft import injection, ops
 from jpeft import tree as jtree
@@ -38,6 +39,7 @@ from jpeft.flax import sites as flax_sites
 from jpeft.flax.sites import ParamView, Site
 from jpeft.quant.formats import QuantizedTensor
 from jpeft.quant.params import QuantConfig
+from jpeft.sharding.adapter_specs import adapter_specs
 
 Array = jax.Array
 # Names of a top-level output layer, for `PeftModel.output_head`'s default.
@@ -75,10 +77,16 @@ class AdaptedLayer(nnx.Module):
             out = ops.embed(inputs, weight)
             return out.astype(layer.dtype or out.dtype)
         if site.kind == proj.CONV:
-            merged = weight.merged_weight() if entry is not None else ops.as_array(weight)
-            graphdef, state = nnx.split(layer)
-            state[site.kernel_name] = nnx.Param(site.kernel_from_view(merged))
-            return nnx.merge(graphdef, state)(inputs, *args, **kwargs)
+
+            def run(x, conv_kernel, with_bias):
+                graphdef, state = nnx.split(layer)
+                state[site.kernel_name] = nnx.Param(conv_kernel)
+                if not with_bias and layer.bias is not None:
+                    state["bias"] = nnx.Param(jnp.zeros_like(layer.bias[...]))
+                return nnx.merge(graphdef, state)(x, *args, **kwargs)
+
+            view = site.view(kernel)
+            return flax_sites.conv_output(site, view, weight, entry, self.config, inputs, run)
         einsum_str = kwargs.get("einsum_str", args[0] if args else None)
         projection = _projection(layer, inputs.ndim, einsum_str, "")
         bias = layer.bias[...] if layer.bias is not None else None
@@ -222,6 +230,14 @@ class PeftModel:
             if entry is None and (only_adapted or not quantized):
                 continue
             _set(parent, site.path[-1], AdaptedLayer(layer, site, entry, config))
+
+    def adapter_specs(self, state: nnx.State, adapter: Adapter, mesh: Mesh) -> Adapter:
+        """The adapter's `PartitionSpec`s on `mesh`: each piece's axes split as the kernel axes
+        they run along, read from the kernels' sharding metadata (`nnx.with_partitioning`)."""
+        view = self._param_view(state)
+        params = nnx.state(nnx.merge(self.graphdef, state, copy=True), nnx.Param)
+        own = flax_sites.flatten(nnx.get_partition_spec(params).to_pure_dict())
+        return adapter_specs(adapter, view.tree(), mesh, base=view.specs(own))
 
     # -- merge, quantize -----------------------------------------------------------------------
 

@@ -16,13 +16,14 @@ model's own tree. `site_inputs` gives what a layer's call needs to build its met
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
-from jpeft import targeting
+from jpeft import ops, targeting
 from jpeft import tree as jtree
 from jpeft.adapter import SHARED, Adapter
 from jpeft.config import PeftConfig
@@ -87,6 +88,29 @@ class Site:
             return proj.conv_kernel_from_view(view, self.kernel_shape)
         return view
 
+    def view_spec(self, spec: tuple) -> tuple:
+        """The per-layer kernel's spec (one entry per kernel axis) as its view's (out, in) spec.
+
+        A flattened group of kernel axes keeps the split of its first (major) axis when the
+        others are not split (a split minor axis is no block split of the group: replicated)."""
+        if self.kind == proj.LINEAR:
+            labels = self.projection.kernel_labels
+            return (
+                _group_spec(spec, [labels.index(c) for c in self.projection.produced]),
+                _group_spec(spec, [labels.index(c) for c in self.projection.contracted]),
+            )
+        if self.kind == proj.CONV:
+            ndim = len(spec)
+            return spec[-1], _group_spec(spec, [ndim - 2, *range(ndim - 2)])
+        return spec
+
+    def bias_spec(self, spec: tuple) -> tuple:
+        """The bias's spec as the flat [out] bias's."""
+        if self.kind != proj.LINEAR:
+            return spec
+        labels = self.projection.bias_labels
+        return (_group_spec(spec, [labels.index(c) for c in self.projection.produced]),)
+
     def flat_bias(self, bias: Array) -> Array:
         return self.projection.flat_bias(bias) if self.kind == proj.LINEAR else bias
 
@@ -94,6 +118,11 @@ class Site:
         if self.kind == proj.LINEAR:
             return self.projection.bias_from_flat(flat, bias_shape)
         return flat
+
+
+def _group_spec(spec: tuple, axes: list[int]):
+    first, *rest = axes
+    return spec[first] if all(spec[i] is None for i in rest) else None
 
 
 def stack_position(params: Mapping[Path, Any], path: Path, num_layers: int) -> int:
@@ -176,6 +205,22 @@ class ParamView:
             flat[name] = value
         heads = () if self.output_head is None else (self.output_head,)
         return jtree.ModelView(jtree.unflatten(flat), embeddings, heads)
+
+    def specs(self, own: Mapping[Path, Any]) -> dict[str, PartitionSpec]:
+        """{PEFT name: its per-layer spec in the view}, from the params' own specs by path
+        (Flax's `get_partition_spec`; a missing or empty spec is replicated)."""
+        specs = {}
+        for name, path, layer in self.names():
+            spec = tuple(own.get(path) or ())
+            spec += (None,) * (len(leaf_shape(self.flat[path])) - len(spec))
+            spec = spec if layer is None else spec[1:]
+            site = self._site_of.get(path[:-1])
+            if site is not None and path[-1] == site.kernel_name:
+                spec = site.view_spec(spec)
+            elif site is not None and path[-1] == "bias":
+                spec = site.bias_spec(spec)
+            specs[name] = PartitionSpec(*spec)
+        return specs
 
     def from_view(self, view: Mapping[str, Any], changed: set[str] | None = None) -> dict:
         """The model's params with the view's values written back (only names in `changed`,
@@ -321,3 +366,35 @@ def quantized_kernel(site: Site, kernel: Array, config: QuantConfig) -> Quantize
     if site.stack_at is None:
         return config.quantize(view, first)
     return stack([config.quantize(view[i], site.module_name(i)) for i in range(len(view))])
+
+
+# The dropout fields of methods whose change is additive and whose dropout acts on the adapter
+# branch's input (LoRA's `lora_A(dropout(x))`): on a convolution, jpeft runs that branch apart.
+INPUT_DROPOUT_FIELDS = ("lora_dropout", "vera_dropout")
+
+
+def conv_output(
+    site: Site,
+    view: Any,
+    node: Any,
+    entry: Mapping[str, Any] | None,
+    config: PeftConfig | None,
+    x: Array,
+    run: Callable[[Array, Array, bool], Array],
+) -> Array:
+    """A convolution's output with its adapted kernel: `run(x, kernel, with_bias)` runs the
+    layer's own conv. The adapter's change is folded into the kernel (exact); while training a
+    method with input dropout, the change runs as a second conv on the dropped-out input, as
+    PEFT's LoRA `Conv2d` does (`base(x) + B(A(dropout(x)))`)."""
+    base = ops.as_array(view)
+    if entry is None:
+        return run(x, site.kernel_from_view(base), True)
+    merged = node.merged_weight()
+    rate = next((getattr(config, f) for f in INPUT_DROPOUT_FIELDS if hasattr(config, f)), 0.0)
+    if entry.get("dropout") is None or not rate:
+        return run(x, site.kernel_from_view(merged), True)
+    key = jax.random.wrap_key_data(entry["dropout"])
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    dropped = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+    delta = site.kernel_from_view(merged - base)
+    return run(x, site.kernel_from_view(base), True) + run(dropped, delta, False)

@@ -23,10 +23,17 @@ from jpeft.sharding.rules import LLAMA_RULES, Rules, fit_dims, logical_specs
 
 
 def adapter_specs(
-    adapter: Adapter, params: Mapping[str, Any], mesh: Mesh, rules: Rules = LLAMA_RULES
+    adapter: Adapter,
+    params: Mapping[str, Any],
+    mesh: Mesh,
+    rules: Rules = LLAMA_RULES,
+    base: Mapping[str, PartitionSpec] | None = None,
 ) -> Adapter:
-    """An Adapter of the same structure whose leaves are `PartitionSpec`s (None leaves stay)."""
-    base = logical_specs(params, mesh, rules)
+    """An Adapter of the same structure whose leaves are `PartitionSpec`s (None leaves stay).
+
+    `base`: the params' own specs by dotted path, when the model declares them (`jpeft.flax`
+    reads them from the kernels' annotations); by default `rules` give them."""
+    base = logical_specs(params, mesh, rules) if base is None else base
     axes_of = method_for(adapter.config).piece_axes
 
     def layer_dims(tree_path: str, layer: int | None) -> tuple | None:
