@@ -186,6 +186,10 @@ def test_errors_name_the_layer_and_what_to_do(toy):
     )
     with pytest.raises(ValueError, match="another model"):
         toy.adapted(other)
+    with pytest.raises(ValueError, match="PROMPT_TUNING adds virtual tokens.*weight methods"):
+        toy.peft.init_adapter(
+            toy.params, jpeft.PromptTuningConfig(num_virtual_tokens=2), key=jax.random.key(0)
+        )
 
 
 def test_an_einsum_that_is_not_a_projection_is_refused_with_the_reason():

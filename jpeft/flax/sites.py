@@ -263,9 +263,7 @@ def site_inputs(
     them, stacked on the layer axis for a scanned layer, state shared by all modules repeated per
     layer so the scan slices it too) and `dropout` (raw key data, one key per layer) while
     training."""
-    method = method_for(adapter.config)
-    if method.is_prompt_learning:
-        return {}
+    method = check_weight_method(adapter.config)
     wanted = set(adapter.weights)
     entries = {}
     for index, site in enumerate(sites):
@@ -329,8 +327,23 @@ def make_node(site: Site, weight: Any, entry: Mapping[str, Any] | None, config: 
     )
 
 
+def check_weight_method(config: PeftConfig) -> WeightMethod:
+    """The config's method; ValueError for a prompt-learning one, which needs the model's own
+    embedding input and attention (jpeft's models take it; a Flax model's code would have to)."""
+    method = method_for(config)
+    if method.is_prompt_learning:
+        raise ValueError(
+            f"{config.peft_type} adds virtual tokens or an attention prefix, which a Flax model "
+            "jpeft did not write has no input for; jpeft.flax runs weight methods (LoRA, IA3, "
+            "...), and jpeft.models' own models run prompt methods"
+        )
+    return method
+
+
 def check_targets(config: PeftConfig, skipped: Mapping[str, str]) -> None:
-    """ValueError when `config` targets a layer jpeft cannot adapt (`skipped`: name -> why)."""
+    """ValueError when `config` is a prompt method or targets a layer jpeft cannot adapt
+    (`skipped`: name -> why)."""
+    check_weight_method(config)
     targets = getattr(config, "target_modules", None)
     if targets is None:
         return
