@@ -37,11 +37,35 @@ class AdaptedWeight(Protocol):
         """`ids` [...] int -> [..., dim], for adapters placed on an embedding table."""
 
 
+class WeightView:
+    """A frozen weight kept in its own layout, seen as [out, in]: it computes the two products
+    `dense` needs on the stored array (a Flax kernel [in, out] or [*in, *out], `jpeft.flax`), so
+    no [out, in] copy is formed, nor kept for the backward pass. `astype(dtype)` gives the
+    [out, in] array (for merges and methods that change the weight itself)."""
+
+    shape: tuple[int, ...]
+    dtype: jnp.dtype
+
+    def dense(self, x: jax.Array) -> jax.Array:
+        """`x` [..., in] -> `x @ W.T` [..., out]."""
+        raise NotImplementedError
+
+    def dense_transposed(self, g: jax.Array) -> jax.Array:
+        """`g` [..., out] -> `g @ W` [..., in]."""
+        raise NotImplementedError
+
+    def astype(self, dtype: jax.typing.DTypeLike) -> jax.Array:
+        """The [out, in] weight in `dtype`."""
+        raise NotImplementedError
+
+
 def dense(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
-    """Plain `x @ w.T + bias`: `x` [..., in], `w` [out, in] (an array or a quantized weight),
-    `bias` [out] -> [..., out]."""
+    """Plain `x @ w.T + bias`: `x` [..., in], `w` [out, in] (an array, a quantized weight or a
+    `WeightView`), `bias` [out] -> [..., out]."""
     if isinstance(w, QuantizedTensor):
         y = quantized_matmul(x, w)
+    elif isinstance(w, WeightView):
+        y = w.dense(x)
     else:
         y = lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())))
     if bias is not None:
@@ -54,6 +78,8 @@ def dense_transposed(g: jax.Array, w) -> jax.Array:
     input gradient of `dense`."""
     if isinstance(w, QuantizedTensor):
         return quantized_matmul_transposed(g, w)
+    if isinstance(w, WeightView):
+        return w.dense_transposed(g)
     return lax.dot_general(g, w.astype(g.dtype), (((g.ndim - 1,), (0,)), ((), ())))
 
 
@@ -61,6 +87,8 @@ def as_array(w, dtype: jax.typing.DTypeLike | None = None) -> jax.Array:
     """The weight as an array in `dtype` (default: its own): a quantized weight is dequantized."""
     if isinstance(w, QuantizedTensor):
         return dequantize(w, dtype)
+    if isinstance(w, WeightView):
+        return w.astype(w.dtype if dtype is None else dtype)
     return w if dtype is None else w.astype(dtype)
 
 

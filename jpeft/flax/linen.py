@@ -281,7 +281,7 @@ class _Interceptor:
         kernel = own[site.kernel_name]
         if entry is None and not isinstance(kernel, QuantizedTensor):
             return next_fun(*args, **kwargs)
-        weight = flax_sites.make_node(site, site.view(kernel), entry, self.config)
+        weight = flax_sites.make_node(site, site.call_weight(kernel), entry, self.config)
         if site.kind == proj.EMBEDDING:
             out = ops.embed(args[0], weight)
             return out.astype(layer.dtype or out.dtype)

@@ -72,7 +72,7 @@ class AdaptedLayer(nnx.Module):
             if self.entry is None
             else jax.tree.map(lambda v: v.get_value(), self.entry, is_leaf=_is_variable)
         )
-        weight = flax_sites.make_node(site, site.view(kernel), entry, self.config)
+        weight = flax_sites.make_node(site, site.call_weight(kernel), entry, self.config)
         if site.kind == proj.EMBEDDING:
             out = ops.embed(inputs, weight)
             return out.astype(layer.dtype or out.dtype)

@@ -126,6 +126,54 @@ class Projection:
         return jnp.transpose(y, [labels.index(c) for c in self.out_labels])
 
 
+@jax.tree_util.register_pytree_node_class
+class KernelView(ops.WeightView):
+    """One layer's kernel, as stored, seen as its [out, in] view (`Projection.view`): products
+    contract the kernel's own axes, so no transposed copy exists (under `nn.scan`, the backward
+    then reads the kernel slice itself instead of keeping a copy per layer)."""
+
+    def __init__(self, kernel: Array, projection: Projection):
+        self.kernel = kernel
+        self.projection = projection
+
+    def tree_flatten(self):
+        return (self.kernel,), self.projection
+
+    @classmethod
+    def tree_unflatten(cls, projection, children):
+        return cls(children[0], projection)
+
+    def _sizes(self, labels: str) -> list[int]:
+        own = self.projection.kernel_labels
+        return [self.kernel.shape[own.index(c)] for c in labels]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        produced, contracted = self.projection.produced, self.projection.contracted
+        return math.prod(self._sizes(produced)), math.prod(self._sizes(contracted))
+
+    @property
+    def dtype(self):
+        return self.kernel.dtype
+
+    def _contract(self, x: Array, labels: str) -> Array:
+        own = self.projection.kernel_labels
+        shaped = x.reshape(*x.shape[:-1], *self._sizes(labels))
+        lead = x.ndim - 1
+        dims = (tuple(range(lead, shaped.ndim)), tuple(own.index(c) for c in labels))
+        y = jax.lax.dot_general(shaped, self.kernel.astype(x.dtype), (dims, ((), ())))
+        return y.reshape(*x.shape[:-1], -1)
+
+    def dense(self, x: Array) -> Array:
+        return self._contract(x, self.projection.contracted)
+
+    def dense_transposed(self, g: Array) -> Array:
+        return self._contract(g, self.projection.produced)
+
+    def astype(self, dtype) -> Array:
+        return self.projection.view(self.kernel).astype(dtype)
+
+
 def _letters(count: int, avoid: str = "") -> str:
     free = [c for c in string.ascii_letters if c not in avoid]
     return "".join(free[:count])

@@ -81,6 +81,13 @@ class Site:
             return proj.conv_view(kernel, self.spatial)
         return kernel
 
+    def call_weight(self, kernel: Any) -> Any:
+        """The weight a layer's call runs on: a linear kernel as a `projection.KernelView` (its
+        products contract the kernel as stored), else `view(kernel)`."""
+        if self.kind == proj.LINEAR and not isinstance(kernel, QuantizedTensor):
+            return proj.KernelView(kernel, self.projection)
+        return self.view(kernel)
+
     def kernel_from_view(self, view: Array) -> Array:
         if self.kind == proj.LINEAR:
             return self.projection.kernel_from_view(view, self.kernel_shape)
