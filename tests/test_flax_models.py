@@ -124,6 +124,15 @@ def test_names_follow_module_paths_with_the_layer_index_after_the_stack(toy):
         key=jax.random.key(0),
     )
     assert sorted(layer_one.weights) == ["layers.1.q"]
+    saved = perturbed(
+        toy.peft.init_adapter(
+            toy.params,
+            jpeft.LoraConfig(target_modules=["up"], modules_to_save=["lm_head"]),
+            key=jax.random.key(0),
+        )
+    )
+    assert sorted(saved.overrides) == ["lm_head.bias", "lm_head.weight"]
+    close(toy.plain(toy.peft.merge(toy.params, saved)), toy.adapted(saved))
 
 
 def test_training_gradients_are_adapter_sized_and_move_only_the_adapter(toy):

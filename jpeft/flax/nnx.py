@@ -22,6 +22,7 @@ only the instance graph holds the wrappers, and `apply` builds a fresh one from 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -137,7 +138,8 @@ class PeftModel:
             (".".join(s.path) for s in self.sites if len(s.path) == 1 and s.path[0] in HEAD_NAMES),
             None,
         )
-        self._templates: dict[str, Any] = {}
+        # {model: (config, piece shapes, frozen state)} of the adapters `inject` put in models
+        self._injected: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # -- PEFT's view of the params -------------------------------------------------------------
 
@@ -189,18 +191,18 @@ class PeftModel:
                 f"replaces parameters ({sorted(adapter.overrides)[:3]}: modules_to_save, "
                 "biases); use the functional apply(state, ..., adapter=) for it"
             )
-        self._templates[id(model)] = (
+        self._injected[model] = (
             adapter.config,
             jax.tree.map(jnp.shape, adapter.weights),
             adapter.frozen,
         )
-        self._wrap(model, adapter, None, only_adapted=True)
+        self._wrap(model, adapter, None)
 
     def adapter_of(self, model: nnx.Module) -> Adapter:
         """The adapter `inject` put in `model`, with its current (trained) values."""
-        if id(model) not in self._templates:
+        if model not in self._injected:
             raise ValueError("this model has no adapter injected by this PeftModel (inject first)")
-        config, shapes, frozen = self._templates[id(model)]
+        config, shapes, frozen = self._injected[model]
         weights: dict[str, dict[str, Array]] = {}
         for _, wrapper in nnx.iter_modules(model):
             if not isinstance(wrapper, AdaptedLayer) or wrapper.entry is None:
@@ -217,7 +219,8 @@ class PeftModel:
                 }
         return Adapter(config, weights, frozen=frozen)
 
-    def _wrap(self, model, adapter, dropout_key, only_adapted: bool = False) -> None:
+    def _wrap(self, model, adapter, dropout_key) -> None:
+        """Wrap, in `model`, every layer the adapter adapts and every 4-bit one."""
         entries = (
             {} if adapter is None else flax_sites.site_inputs(self.sites, adapter, dropout_key)
         )
@@ -227,7 +230,7 @@ class PeftModel:
             parent = _get(model, site.path[:-1])
             layer = _get(parent, site.path[-1:])
             quantized = isinstance(getattr(layer, site.kernel_name).get_value(), QuantizedTensor)
-            if entry is None and (only_adapted or not quantized):
+            if entry is None and not quantized:
                 continue
             _set(parent, site.path[-1], AdaptedLayer(layer, site, entry, config))
 
@@ -279,11 +282,10 @@ def _unpad(value: Array, shape: tuple[int, ...]) -> Array:
 
 
 def _get(node: Any, path: tuple[str, ...]) -> Any:
+    """The module at `path` below `node` (a digit part indexes an `nnx.List` or list)."""
     for part in path:
         node = (
-            node[int(part)]
-            if isinstance(node, list | tuple) or part.isdigit() and not hasattr(node, part)
-            else getattr(node, part)
+            node[int(part)] if part.isdigit() and not hasattr(node, part) else getattr(node, part)
         )
     return node
 
