@@ -16,6 +16,7 @@ paths and shapes map one to one onto PyTorch checkpoints and PEFT files.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Protocol, runtime_checkable
 
 import jax
@@ -37,7 +38,7 @@ class AdaptedWeight(Protocol):
         """`ids` [...] int -> [..., dim], for adapters placed on an embedding table."""
 
 
-class WeightView:
+class WeightView(ABC):
     """A frozen weight kept in its own layout, seen as [out, in]: it computes the two products
     `dense` needs on the stored array (a Flax kernel [in, out] or [*in, *out], `jpeft.flax`), so
     no [out, in] copy is formed, nor kept for the backward pass. `astype(dtype)` gives the
@@ -46,17 +47,17 @@ class WeightView:
     shape: tuple[int, ...]
     dtype: jnp.dtype
 
+    @abstractmethod
     def dense(self, x: jax.Array) -> jax.Array:
         """`x` [..., in] -> `x @ W.T` [..., out]."""
-        raise NotImplementedError
 
+    @abstractmethod
     def dense_transposed(self, g: jax.Array) -> jax.Array:
         """`g` [..., out] -> `g @ W` [..., in]."""
-        raise NotImplementedError
 
+    @abstractmethod
     def astype(self, dtype: jax.typing.DTypeLike) -> jax.Array:
         """The [out, in] weight in `dtype`."""
-        raise NotImplementedError
 
 
 def dense(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:

@@ -201,24 +201,37 @@ def test_errors_name_the_layer_and_what_to_do(toy):
         )
 
 
-def test_an_einsum_that_is_not_a_projection_is_refused_with_the_reason():
+def test_layers_jpeft_cannot_adapt_are_refused_with_the_reason():
     import flax.linen as nn
 
     class PerHead(nn.Module):
         @nn.compact
         def __call__(self, x):
-            x = x.reshape(*x.shape[:-1], 2, 4)
+            x = nn.Dense(8, name="proj")(x).reshape(*x.shape[:-1], 2, 4)
             return nn.Einsum((2, 4, 4), "btnh,nhk->btnk", name="per_head")(x)
 
+    class OwnEinsum(nn.Module):  # a projection written by hand: not a Flax layer
+        @nn.compact
+        def __call__(self, x):
+            return jnp.einsum("btd,de->bte", x, self.param("w", nn.initializers.ones, (8, 8)))
+
     x = jnp.ones((1, 3, 8))
-    module = PerHead()
-    variables = module.init(jax.random.key(0), x)
-    peft = peft_linen.PeftModel(module, variables, x)
-    assert "per_head" in peft.skipped and "batch axes" in peft.skipped["per_head"]
-    with pytest.raises(ValueError, match=r"per_head.*batch axes.*exclude"):
-        peft.init_adapter(
-            variables, jpeft.LoraConfig(target_modules=["per_head"]), key=jax.random.key(0)
-        )
+    for module, match in [
+        (PerHead(), r"'per_head'.*batch axes.*exclude"),
+        (OwnEinsum(), r"found no Flax Dense.*raw self.param"),
+    ]:
+        variables = module.init(jax.random.key(0), x)
+        peft = peft_linen.PeftModel(module, variables, x)
+        with pytest.raises(ValueError, match=match):
+            peft.init_adapter(
+                variables, jpeft.LoraConfig(target_modules=".*"), key=jax.random.key(0)
+            )
+    assert (
+        "batch axes"
+        in peft_linen.PeftModel(PerHead(), PerHead().init(jax.random.key(0), x), x).skipped[
+            "per_head"
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------

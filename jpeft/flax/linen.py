@@ -124,7 +124,7 @@ class PeftModel:
     ) -> Adapter:
         """A fresh adapter for this model, initialised as PEFT does (`jpeft.init_adapter` on the
         model's view); a target naming a layer jpeft cannot adapt is an error saying why."""
-        flax_sites.check_targets(config, self.skipped)
+        flax_sites.check_targets(config, self.sites, self.skipped)
         return injection.init_adapter(self.view(variables), config, key=key)
 
     # -- running -------------------------------------------------------------------------------

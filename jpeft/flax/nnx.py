@@ -154,7 +154,7 @@ class PeftModel:
     def init_adapter(self, state: nnx.State, config: PeftConfig, *, key: Array) -> Adapter:
         """A fresh adapter for this model, initialised as PEFT does (`jpeft.init_adapter` on the
         model's view); a target naming a layer jpeft cannot adapt is an error saying why."""
-        flax_sites.check_targets(config, self.skipped)
+        flax_sites.check_targets(config, self.sites, self.skipped)
         return injection.init_adapter(self.view(state), config, key=key)
 
     # -- running -------------------------------------------------------------------------------

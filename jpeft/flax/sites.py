@@ -347,10 +347,18 @@ def check_weight_method(config: PeftConfig) -> WeightMethod:
     return method
 
 
-def check_targets(config: PeftConfig, skipped: Mapping[str, str]) -> None:
-    """ValueError when `config` is a prompt method or targets a layer jpeft cannot adapt
-    (`skipped`: name -> why)."""
+def check_targets(config: PeftConfig, sites: tuple[Site, ...], skipped: Mapping[str, str]) -> None:
+    """ValueError when `config` is a prompt method, when the model has no adaptable layer, or
+    when it targets a layer jpeft cannot adapt (`skipped`: name -> why)."""
     check_weight_method(config)
+    if not sites:
+        raise ValueError(
+            "jpeft found no Flax Dense / DenseGeneral / Einsum / Embed / Conv (linen) or Linear "
+            "/ LinearGeneral / Einsum / Embed / Conv (NNX) layer in this model"
+            + (f" it can adapt ({sorted(skipped)})" if skipped else "")
+            + "; projections written as a raw self.param + jnp.einsum in the model's own "
+            "modules are not Flax layers and cannot be intercepted"
+        )
     targets = getattr(config, "target_modules", None)
     if targets is None:
         return
