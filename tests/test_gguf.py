@@ -176,7 +176,8 @@ def add_hparams(writer, config) -> None:
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    rope = config.rope_parameters
+    writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])  # Gemma 3: global
     writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
@@ -503,3 +504,73 @@ def test_smollm2_matches_transformers(smollm2_path, smollm2_logits):
     with torch.no_grad():
         expected = reference(torch.tensor(SMOLLM2_IDS)).logits.numpy()
     assert relative_error(smollm2_logits, expected) < TOLERANCE
+
+
+# (g) Gemma 1/2/3: llama.cpp stores every norm as 1 + w, names Gemma 2/3's four norms its own way,
+# does not permute q/k, and leaves out what its loader hard-codes (attention scale, sliding
+# pattern, local RoPE base)
+
+GEMMA_SMALL = dict(SMALL, head_dim=24, num_hidden_layers=6, query_pre_attn_scalar=24)
+GEMMA_CASES = {
+    "gemma": ("GemmaConfig", dict(SMALL, head_dim=24)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            GEMMA_SMALL, sliding_window=4, attn_logit_softcapping=3.0, final_logit_softcapping=2.0
+        ),
+    ),
+    "gemma3": ("Gemma3TextConfig", dict(GEMMA_SMALL, sliding_window=4)),  # layer 5 global
+}
+GEMMA_NORMS = [  # Gemma 2/3 (Gemma 1 keeps Llama's two norms and names)
+    (r"post_attention_layernorm\.", "post_attention_norm."),
+    (r"pre_feedforward_layernorm\.", "ffn_norm."),
+    (r"post_feedforward_layernorm\.", "post_ffw_norm."),
+]
+
+
+def write_gemma_gguf(path: Path, model) -> Path:
+    """`model` (a tiny transformers Gemma) written as llama.cpp's converter writes it, F32."""
+    config = model.config
+    arch = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}[config.model_type]
+    writer = gguf.GGUFWriter(str(path), arch)
+    add_hparams(writer, config)
+    add_tokenizer(writer)
+    if arch != "gemma" and config.sliding_window:
+        writer.add_sliding_window(config.sliding_window)
+        if config.final_logit_softcapping:
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied
+        for pattern, replacement in GEMMA_NORMS if arch != "gemma" else []:
+            name = re.sub(pattern, replacement, name)
+        w = tensor.numpy()
+        writer.add_tensor(gguf_name(name), w + 1.0 if "norm" in name else w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("case", list(GEMMA_CASES))
+def test_gemma_families_match_transformers(tmp_path, case):
+    config_cls, kwargs = GEMMA_CASES[case]
+    hf = random_causal_lm(config_cls, kwargs)
+    path = write_gemma_gguf(tmp_path / f"{case}.gguf", hf)
+    model, params = models.load_gguf(path)
+    assert model.config.norm_style == "gemma" and model.config.tie_word_embeddings
+    if case != "gemma":
+        assert list(model.config.layer_types) == hf.config.layer_types
+    logits = np.asarray(model.apply(params, jnp.asarray(IDS)))
+    assert relative_error(logits, hf_logits(hf)) < TOLERANCE
+
+
+def test_gemma3_file_without_its_sliding_window_is_refused(tmp_path):
+    hf = random_causal_lm(*GEMMA_CASES["gemma3"])
+    hf.config.sliding_window = 0  # the converter leaves the key out
+    path = write_gemma_gguf(tmp_path / "gemma3.gguf", hf)
+    with pytest.raises(ValueError, match=r"gemma3\.gguf.*no gemma3\.attention\.sliding_window"):
+        models.load_gguf(path)

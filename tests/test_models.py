@@ -48,6 +48,32 @@ CASES = {
     "mistral_window": ("MistralConfig", dict(sliding_window=4, num_hidden_layers=3)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(head_dim=32, num_key_value_heads=1)),
+    # Gemma: head_dim apart from hidden/heads; a window and softcaps that bind on 12 tokens
+    "gemma": ("GemmaConfig", dict(head_dim=24, attention_bias=True)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            head_dim=24,
+            num_hidden_layers=3,
+            sliding_window=5,
+            query_pre_attn_scalar=20,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=2.0,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            head_dim=24,
+            num_hidden_layers=3,
+            sliding_window=5,
+            sliding_window_pattern=2,
+            query_pre_attn_scalar=20,
+            final_logit_softcapping=2.0,
+            rope_scaling={"rope_type": "linear", "factor": 4.0},
+            rope_local_base_freq=100.0,
+        ),
+    ),
 }
 
 
@@ -122,9 +148,10 @@ def test_param_layout(loaded):
     q = layers["self_attn"]["q_proj"]["weight"]
     assert q.shape == (c.num_hidden_layers, c.num_attention_heads * c.head_dim, c.hidden_size)
     assert ("lm_head" in params) != c.tie_word_embeddings
-    assert ("bias" in layers["self_attn"]["q_proj"]) == (case in ("llama", "qwen2"))
-    assert ("bias" in layers["self_attn"]["o_proj"]) == (case == "llama")
-    assert ("q_norm" in layers["self_attn"]) == (case == "qwen3")
+    assert ("bias" in layers["self_attn"]["q_proj"]) == (case in ("llama", "qwen2", "gemma"))
+    assert ("bias" in layers["self_attn"]["o_proj"]) == (case in ("llama", "gemma"))
+    assert ("q_norm" in layers["self_attn"]) == (case in ("qwen3", "gemma3"))
+    assert ("pre_feedforward_layernorm" in layers) == (case in ("gemma2", "gemma3"))
     init = jax.eval_shape(model.init, jax.random.key(0))
     assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, params)
 
@@ -274,3 +301,21 @@ def test_wrong_shape_and_missing_tensor(saved_llama, tmp_path):
     copy_checkpoint(saved_llama, tmp_path, {"num_hidden_layers": 3})
     with pytest.raises(ValueError, match=r"missing .*model\.layers\.2\."):
         models.from_pretrained(tmp_path)
+
+
+def test_gemma_config_errors_name_the_field():
+    base = dict(SMALL, model_type="gemma3_text", head_dim=24)
+    with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
+        models.from_hf_config({**base, "use_bidirectional_attention": True})
+    local = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10.0}
+    with pytest.raises(ValueError, match="sliding layers' rope_type='linear'"):
+        models.from_hf_config(
+            {**base, "rope_parameters": {"full_attention": {}, "sliding_attention": local}}
+        )
+    # Gemma 1's legacy "gelu" is the tanh approximation, as transformers reads it
+    assert (
+        models.from_hf_config(
+            {**base, "model_type": "gemma", "hidden_act": "gelu"}
+        ).config.hidden_act
+        == "gelu_pytorch_tanh"
+    )

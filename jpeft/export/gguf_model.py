@@ -155,6 +155,12 @@ def check_fits(params: Mapping[str, Any], config: ModelConfig, base: Any) -> Non
 def gguf_architecture(config: ModelConfig) -> str:
     """The GGUF architecture llama.cpp runs `config` as; ValueError for what it cannot run, a
     warning for a sliding window it ignores (as it does for converted Mistral models)."""
+    if config.model_type not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"jpeft writes {sorted(GGUF_ARCHITECTURES)} models as GGUF, not {config.model_type}; "
+            "export a Hugging Face checkpoint (--format hf) and convert it with llama.cpp's "
+            "convert_hf_to_gguf.py"
+        )
     if config.hidden_act != "silu":
         raise ValueError(
             f"hidden_act={config.hidden_act!r}: llama.cpp's {config.model_type} architecture "

@@ -31,7 +31,24 @@ from jpeft.quant import QuantConfig
 
 _T = GGMLQuantizationType
 # GGUF `general.architecture` -> HF `model_type`.
-SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+SUPPORTED_ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+}
+# Gemma's llama.cpp converter stores every RMSNorm weight w as 1 + w (its norm scales by the
+# stored weight); the loader subtracts it, exporters add it.
+GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+# Gemma 2/3 layers have four norms; llama.cpp names the pre-MLP one ffn_norm, as Llama's
+# post_attention_layernorm (which Gemma 2/3 put on the attention output).
+_SANDWICH_NORM_NAMES = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 SUPPORTED_TENSOR_TYPES = frozenset(
     (_T.F32, _T.F16, _T.BF16, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q8_0)
     + (_T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K)
@@ -87,8 +104,8 @@ def load_gguf(
     source = str(path)
     reader = open_gguf(path)
     model = LlamaForCausalLM(config_from_hf(hf_config_from_gguf(reader, source)))
-    permuted = metadata(reader, "general.architecture") in PERMUTED_QK_ARCHITECTURES
-    tensors = iter_gguf_tensors(reader, model.config, permuted, source)
+    arch = metadata(reader, "general.architecture")
+    tensors = iter_gguf_tensors(reader, model.config, arch, source)
     return model, place_tensors(model.config, tensors, dtype, source, quantization, place)
 
 
@@ -137,7 +154,7 @@ def hf_config_from_gguf(reader: GGUFReader, source: str) -> dict[str, Any]:
             f"{head_dim}; partial rotary embeddings are not supported"
         )
     theta = float(key("rope.freq_base", 10000.0))
-    return {
+    config = {
         "model_type": SUPPORTED_ARCHITECTURES[arch],
         "vocab_size": _hf_shape(reader, "token_embd.weight")[0],
         "hidden_size": hidden,
@@ -153,6 +170,45 @@ def hf_config_from_gguf(reader: GGUFReader, source: str) -> dict[str, Any]:
         "mlp_bias": "blk.0.ffn_up.bias" in names,
         "rope_parameters": {"rope_theta": theta, **_rope_scaling(reader, key, head_dim, source)},
     }
+    if arch in GEMMA_ARCHITECTURES:
+        config.update(_gemma_config(arch, key, config, source))
+    return config
+
+
+def _gemma_config(
+    arch: str, key: Callable[..., Any], config: dict[str, Any], source: str
+) -> dict[str, Any]:
+    """The Gemma config.json keys a GGUF file implies, with llama.cpp's defaults for what its
+    converter does not write (`src/llama-model.cpp`): the attention scale is head_dim's but for
+    the 27B models (46 / 62 layers: hidden / heads), Gemma 2 slides every other layer, Gemma 3
+    five of six with RoPE base 10000 on the sliding layers."""
+    extra: dict[str, Any] = {"hidden_activation": "gelu_pytorch_tanh"}
+    if arch == "gemma":
+        return extra
+    big = config["num_hidden_layers"] == (46 if arch == "gemma2" else 62)
+    scalar = config["hidden_size"] // config["num_attention_heads"] if big else config["head_dim"]
+    window = key("attention.sliding_window", None)
+    if not window:
+        raise ValueError(
+            f"GGUF file {source!r} has no {arch}.attention.sliding_window; jpeft runs {arch} "
+            "with its sliding-window layers, whose window the file must give"
+        )
+    extra.update(
+        query_pre_attn_scalar=scalar,
+        sliding_window=window,
+        final_logit_softcapping=key("final_logit_softcapping", None),
+    )
+    if arch == "gemma2":
+        extra["attn_logit_softcapping"] = key("attn_logit_softcapping", None)
+        return extra
+    rope = config.pop("rope_parameters")
+    extra.update(
+        sliding_window_pattern=key("attention.sliding_window_pattern", 6),
+        rope_theta=rope.pop("rope_theta"),
+        rope_scaling=rope or None,
+        rope_local_base_freq=float(key("rope.freq_base_swa", 10000.0)),
+    )
+    return extra
 
 
 def _hf_shape(reader: GGUFReader, name: str) -> tuple[int, ...]:
@@ -205,16 +261,24 @@ def _llama3_rope(factors: np.ndarray, head_dim: int, theta: float, source: str) 
     return rope
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The HF name of GGUF tensor `gguf_name`, or None if it has none.
+def _layer_names(arch: str) -> dict[str, str]:
+    """GGUF layer module name -> HF name, for GGUF architecture `arch`."""
+    if arch in ("gemma2", "gemma3"):
+        return {**_LAYER_NAMES, **_SANDWICH_NORM_NAMES}
+    return _LAYER_NAMES
+
+
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The HF name of GGUF tensor `gguf_name` of an `arch` model, or None if it has none.
 
     E.g. `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`,
     `token_embd.weight` -> `model.embed_tokens.weight`, `output.weight` -> `lm_head.weight`.
     """
     if match := _LAYER_PATTERN.fullmatch(gguf_name):
         layer, module, leaf = match.groups()
-        if module in _LAYER_NAMES:
-            return f"model.layers.{layer}.{_LAYER_NAMES[module]}.{leaf}"
+        names = _layer_names(arch)
+        if module in names:
+            return f"model.layers.{layer}.{names[module]}.{leaf}"
     elif match := _TOP_LEVEL_PATTERN.fullmatch(gguf_name):
         module, leaf = match.groups()
         if module in _TOP_LEVEL_NAMES:
@@ -263,14 +327,16 @@ def rotary_heads(hf_name: str, config: ModelConfig) -> int | None:
 
 
 def iter_gguf_tensors(
-    reader: GGUFReader, config: ModelConfig, permuted: bool, source: str
+    reader: GGUFReader, config: ModelConfig, arch: str, source: str
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield `(hf_name, float32 array)` per tensor, dequantized one at a time; with `permuted`,
-    q/k rows are un-permuted (see `rotary_heads`)."""
+    """Yield `(hf_name, float32 array)` per tensor of an `arch` file, dequantized one at a time;
+    q/k rows un-permuted where llama.cpp permutes them (see `rotary_heads`), Gemma's norms back
+    from 1 + w."""
+    permuted = arch in PERMUTED_QK_ARCHITECTURES
     for tensor in reader.tensors:
         if tensor.name == ROPE_FREQS:  # already folded into the config's rope scaling
             continue
-        name = hf_tensor_name(tensor.name)
+        name = hf_tensor_name(tensor.name, arch)
         if name is None:
             raise ValueError(
                 f"GGUF file {source!r} has tensor {tensor.name!r}, which a "
@@ -281,4 +347,6 @@ def iter_gguf_tensors(
         # A wrong row count is left for `place_tensors` to report as a shape mismatch.
         if permuted and n_head and array.shape[0] == n_head * config.head_dim:
             array = unpermute_rows(array, n_head)
+        if arch in GEMMA_ARCHITECTURES and name.endswith("norm.weight"):
+            array = array - 1.0
         yield name, array

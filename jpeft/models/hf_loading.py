@@ -34,12 +34,16 @@ from jpeft.models.llama import (
 from jpeft.models.rope import RopeScaling
 from jpeft.quant import QuantConfig, QuantizedTensor, default_compute_dtype, stack
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", *GEMMA_MODEL_TYPES)
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
 )
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -77,9 +81,10 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     heads = d["num_attention_heads"]
     qwen2 = model_type == "qwen2"
     attention_bias = qwen2 or bool(d.get("attention_bias", False))
-    theta, scaling = _rope_from_hf(d)
+    gemma = _gemma_fields(d, model_type) if model_type in GEMMA_MODEL_TYPES else {}
+    theta, scaling = _rope_from_hf(gemma.pop("rope", d))
     window, layer_types = _attention_layout(d, model_type)
-    return ModelConfig(
+    fields = dict(
         vocab_size=d["vocab_size"],
         hidden_size=d["hidden_size"],
         intermediate_size=d["intermediate_size"],
@@ -101,6 +106,54 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
         layer_types=layer_types,
         hidden_act=d.get("hidden_act", "silu"),
     )
+    return ModelConfig(**{**fields, **gemma})
+
+
+def _gemma_fields(d: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """The `ModelConfig` fields a Gemma 1/2/3 config sets beyond Llama's, as transformers reads
+    them; "rope" holds the config dict `_rope_from_hf` reads the global RoPE from."""
+    if d.get("use_bidirectional_attention"):
+        raise ValueError(
+            f"{model_type} config has use_bidirectional_attention=True (an encoder, e.g. "
+            "EmbeddingGemma); jpeft runs Gemma as a causal LM"
+        )
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    fields: dict[str, Any] = dict(
+        norm_style="gemma",
+        embed_scale=True,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        hidden_act="gelu_pytorch_tanh" if model_type == "gemma" and act == "gelu" else act,
+        rope=d,
+    )
+    if model_type == "gemma":
+        return fields
+    fields.update(
+        sandwich_norms=True,
+        query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or 256),
+        final_logit_softcapping=d.get("final_logit_softcapping"),
+    )
+    if model_type == "gemma2":
+        fields["attn_logit_softcapping"] = d.get("attn_logit_softcapping")
+        return fields
+    fields["qk_norm"] = True  # gemma3_text: its attn_logit_softcapping is ignored, as there
+    rope = dict(d.get("rope_parameters") or {})
+    if "full_attention" in rope:  # transformers 5: one RoPE per layer type
+        fields["rope"] = {"rope_parameters": rope["full_attention"]}
+        local = rope.get("sliding_attention") or {}
+    else:  # config.json of the Hub: flat keys, rope_scaling for the global layers only
+        fields["rope"] = {
+            "rope_theta": d.get("rope_theta", 1_000_000.0),
+            "rope_scaling": d.get("rope_scaling"),
+            "max_position_embeddings": d.get("max_position_embeddings"),
+        }
+        local = {"rope_theta": d.get("rope_local_base_freq", 10_000.0)}
+    if local.get("rope_type", "default") != "default":
+        raise ValueError(
+            f"gemma3_text config: the sliding layers' rope_type={local['rope_type']!r}; jpeft "
+            "runs them with the default RoPE (as every Gemma 3 release does)"
+        )
+    fields["rope_local_theta"] = float(local.get("rope_theta", 10_000.0))
+    return fields
 
 
 def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
@@ -128,13 +181,21 @@ def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
 def _attention_layout(d: Mapping[str, Any], model_type: str) -> tuple[int | None, tuple[str, ...]]:
     """(`sliding_window`, per-layer `layer_types`) as transformers builds them for `model_type`.
 
-    Mistral slides every layer when `sliding_window` is set; Qwen2/3 only with
+    Mistral slides every layer when `sliding_window` is set; Gemma 2 every other layer, Gemma 3
+    all but every `sliding_window_pattern`-th (unless `layer_types` says); Qwen2/3 only with
     `use_sliding_window`, on the layers `layer_types` marks (default: from `max_window_layers` on).
     An empty `layer_types` lets `ModelConfig` apply one kind to all layers.
     """
     window = d.get("sliding_window")
     if model_type == "mistral":
         return window, ()
+    if model_type in ("gemma2", "gemma3_text"):
+        pattern = 2 if model_type == "gemma2" else d.get("sliding_window_pattern") or 6
+        n = d["num_hidden_layers"]
+        types = d.get("layer_types") or [
+            SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(n)
+        ]
+        return window or 4096, tuple(types)
     if model_type not in ("qwen2", "qwen3") or not d.get("use_sliding_window") or window is None:
         return None, ()
     n = d["num_hidden_layers"]

@@ -1,4 +1,5 @@
-"""Llama-family decoder-only language models: Llama (1/2/3, llama3 RoPE), Mistral, Qwen2, Qwen3.
+"""Llama-family decoder-only language models: Llama (1/2/3, llama3 RoPE), Mistral, Qwen2, Qwen3,
+Gemma 1/2/3 (text).
 
 The params are a plain nested dict keyed by the Hugging Face module paths, weights in HF
 orientation `[out, in]`, except that the decoder layers are stacked on a leading axis under
@@ -44,6 +45,8 @@ FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 _NO_WINDOW = 1 << 30  # window of a full-attention layer: larger than any sequence
 _QUERY_BLOCK = 128  # query block length of `causal_attention`
+# "llama": x / rms * w, cast first; "gemma": x / rms * (1 + w) in float32, then cast.
+NORM_STYLES = ("llama", "gemma")
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu": partial(jax.nn.gelu, approximate=False),
@@ -59,6 +62,13 @@ class ModelConfig:
     `attention_bias` puts a bias on q/k/v_proj, `o_proj_bias` on o_proj (Llama's
     `attention_bias` sets both; Qwen2 has only the first). `layer_types[i]` is
     `"sliding_attention"` when layer `i` only attends to the last `sliding_window` tokens.
+
+    Gemma: `norm_style="gemma"` (every RMSNorm scales by 1 + w, in float32), `embed_scale`
+    (embeddings times sqrt(hidden_size), rounded to their dtype), `sandwich_norms` (Gemma 2/3:
+    norms on the attention and MLP outputs too, `pre_/post_feedforward_layernorm`),
+    `query_pre_attn_scalar` (attention scale), `attn_logit_softcapping` (Gemma 2: scores ->
+    cap * tanh(scores / cap)), `final_logit_softcapping` (the same on the logits),
+    `rope_local_theta` (Gemma 3: the sliding layers' RoPE base, without rope scaling).
     """
 
     vocab_size: int
@@ -81,6 +91,13 @@ class ModelConfig:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
     hidden_act: str = "silu"
+    norm_style: str = "llama"
+    embed_scale: bool = False
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    rope_local_theta: float | None = None
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -102,6 +119,19 @@ class ModelConfig:
             raise ValueError(
                 f"hidden_act={self.hidden_act!r} is not supported; supported: {tuple(ACTIVATIONS)}"
             )
+        if self.norm_style not in NORM_STYLES:
+            raise ValueError(f"norm_style={self.norm_style!r}; choose from {NORM_STYLES}")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}={value!r} must be positive (or None)")
+        if self.rope_local_theta is not None and SLIDING_ATTENTION not in self.layer_types:
+            raise ValueError("rope_local_theta is set but no layer is a sliding_attention layer")
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on q.k: `query_pre_attn_scalar ** -0.5` (Gemma 2/3), else head_dim's."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
 
 def param_shapes(config: ModelConfig) -> Params:
@@ -131,6 +161,9 @@ def param_shapes(config: ModelConfig) -> Params:
         "input_layernorm": {"weight": (n, c.hidden_size)},
         "post_attention_layernorm": {"weight": (n, c.hidden_size)},
     }
+    if c.sandwich_norms:
+        layers["pre_feedforward_layernorm"] = {"weight": (n, c.hidden_size)}
+        layers["post_feedforward_layernorm"] = {"weight": (n, c.hidden_size)}
     tree: Params = {
         "model": {
             "embed_tokens": {"weight": (c.vocab_size, c.hidden_size)},
@@ -143,10 +176,13 @@ def param_shapes(config: ModelConfig) -> Params:
     return tree
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis, computed in float32 and cast back: `x` [..., d], `weight` [d]."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, style: str = "llama") -> jax.Array:
+    """RMSNorm over the last axis: `x` [..., d], `weight` [d]. Normalized in float32; "llama"
+    casts back, then scales by `weight`; "gemma" scales by 1 + `weight` in float32, then casts."""
     x32 = x.astype(jnp.float32)
     normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if style == "gemma":
+        return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
@@ -161,20 +197,29 @@ def attention_mask(q_idx: jax.Array, key_valid: jax.Array, window: jax.Array) ->
 
 
 def grouped_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, num_kv_heads: int
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    num_kv_heads: int,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """GQA without repeating kv heads: `q` [B, S, H, hd], `k`/`v` [B, K, T, hd], `mask` [B, S, T].
 
     Query head `h` reads kv head `h // (H // K)` like transformers' `repeat_kv`. The G = H // K
     query heads of a kv head are stacked as G*S rows, so both products are plain batched matmuls
     over (B, K) ([B, K, G*S, hd] x [B, K, T, hd]), the layout XLA:CPU runs (and differentiates)
-    fastest. Softmax in float32 -> [B, S, H * hd].
+    fastest. `scale` multiplies the scores (default head_dim ** -0.5); `softcap` caps them,
+    cap * tanh(scores / cap), before the mask (Gemma 2). Softmax in float32 -> [B, S, H * hd].
     """
     b, s, h, hd = q.shape
     groups, t = h // num_kv_heads, k.shape[2]
     rows = q.reshape(b, s, num_kv_heads, groups, hd).transpose(0, 2, 3, 1, 4)
     rows = rows.reshape(b, num_kv_heads, groups * s, hd)
-    scores = jnp.einsum("bkmd,bktd->bkmt", rows, k) * (hd**-0.5)
+    scores = jnp.einsum("bkmd,bktd->bkmt", rows, k) * (hd**-0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     row_mask = jnp.broadcast_to(mask[:, None, None], (b, 1, groups, s, t))
     row_mask = row_mask.reshape(b, 1, groups * s, t)
     scores = jnp.where(row_mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
@@ -184,7 +229,13 @@ def grouped_attention(
 
 
 def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, num_kv_heads: int
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    num_kv_heads: int,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """`grouped_attention` of S queries over the same S positions (no cache), in query blocks.
 
@@ -199,7 +250,13 @@ def causal_attention(
     return jnp.concatenate(
         [
             grouped_attention(
-                q[:, lo:hi], k[:, :, :hi], v[:, :, :hi], mask[:, lo:hi, :hi], num_kv_heads
+                q[:, lo:hi],
+                k[:, :, :hi],
+                v[:, :, :hi],
+                mask[:, lo:hi, :hi],
+                num_kv_heads,
+                scale,
+                softcap,
             )
             for lo, hi in zip(edges[:-1], edges[1:], strict=True)
         ],
@@ -366,7 +423,7 @@ class LlamaForCausalLM:
             key_valid = jnp.ones((batch, seq), bool)
         else:
             key_valid = attention_mask.astype(bool)
-        x = constrain_batch(ops.embed(input_ids, params["model"]["embed_tokens"]["weight"]))
+        x = constrain_batch(self._embed(params, input_ids))
         if prompt is None:
             if position_ids is None:
                 position_ids = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
@@ -440,28 +497,33 @@ class LlamaForCausalLM:
         hidden states [B, S, D] and the updated cache.
         """
         c = self.config
-        cos, sin = rope.cos_sin(self._inv_freq(), position_ids, x.dtype)
+        # [2 or 1, B, S, hd/2]: the global RoPE, then the sliding layers' own (Gemma 3)
+        ropes = [rope.cos_sin(self._inv_freq(), position_ids, x.dtype)]
+        if c.rope_local_theta is not None:
+            local = rope.inverse_frequencies(c.head_dim, c.rope_local_theta, None)
+            ropes.append(rope.cos_sin(local, position_ids, x.dtype))
+        cos_all, sin_all = (jnp.stack(parts) for parts in zip(*ropes, strict=True))
         q_idx = offset + jnp.arange(x.shape[1])
-        windows = jnp.array(
-            [c.sliding_window if t == SLIDING_ATTENTION else _NO_WINDOW for t in c.layer_types]
-        )
+        sliding = [t == SLIDING_ATTENTION for t in c.layer_types]
+        windows = jnp.array([c.sliding_window if s else _NO_WINDOW for s in sliding])
+        rope_index = jnp.array([int(s and c.rope_local_theta is not None) for s in sliding])
 
         def body(x, layer):
-            p, window, kv = layer
+            p, window, which, kv = layer
             mask = attention_mask(q_idx, key_valid, window)
-            x, kv = self._layer(p, x, cos, sin, mask, kv, offset)
+            x, kv = self._layer(p, x, cos_all[which], sin_all[which], mask, kv, offset)
             return constrain_batch(x), kv
 
         if self.remat is not None:
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
 
-        layers = (params["model"]["layers"], windows)
+        layers = (params["model"]["layers"], windows, rope_index)
         if frozen_layers and cache is None:
             bottom = jax.tree.map(lambda a: a[:frozen_layers], layers)
             x = lax.stop_gradient(lax.scan(body, x, (*bottom, None))[0])
             layers = jax.tree.map(lambda a: a[frozen_layers:], layers)
         x, cache = lax.scan(body, x, (*layers, cache))
-        return rms_norm(x, params["model"]["norm"]["weight"], c.rms_norm_eps), cache
+        return self._norm(params["model"]["norm"], x), cache
 
     def _layer(
         self,
@@ -473,13 +535,32 @@ class LlamaForCausalLM:
         kv: tuple[jax.Array, jax.Array] | None,
         offset: jax.Array | int,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """One pre-norm decoder layer: `x` [B, S, D] -> [B, S, D], plus this layer's cache."""
-        eps = self.config.rms_norm_eps
-        h = rms_norm(x, p["input_layernorm"]["weight"], eps)
+        """One pre-norm decoder layer: `x` [B, S, D] -> [B, S, D], plus this layer's cache.
+
+        With sandwich norms (Gemma 2/3) `post_attention_layernorm` normalizes the attention's
+        output and `pre_/post_feedforward_layernorm` wrap the MLP; else it is the MLP's input
+        norm (Llama)."""
+        h = self._norm(p["input_layernorm"], x)
         attn, kv = self._attention(p["self_attn"], h, cos, sin, mask, kv, offset)
+        if self.config.sandwich_norms:
+            x = x + self._norm(p["post_attention_layernorm"], attn)
+            h = self._mlp(p["mlp"], self._norm(p["pre_feedforward_layernorm"], x))
+            return x + self._norm(p["post_feedforward_layernorm"], h), kv
         x = x + attn
-        h = rms_norm(x, p["post_attention_layernorm"]["weight"], eps)
+        h = self._norm(p["post_attention_layernorm"], x)
         return x + self._mlp(p["mlp"], h), kv
+
+    def _norm(self, p: Params, x: jax.Array) -> jax.Array:
+        """The config's RMSNorm with the module dict `p` = {"weight": w}."""
+        return rms_norm(x, p["weight"], self.config.rms_norm_eps, self.config.norm_style)
+
+    def _embed(self, params: Params, ids: jax.Array) -> jax.Array:
+        """Token embeddings [..., D]; times sqrt(hidden_size) rounded to their dtype (Gemma),
+        which prompt-learning virtual tokens do not get (as in transformers)."""
+        x = ops.embed(ids, params["model"]["embed_tokens"]["weight"])
+        if not self.config.embed_scale:
+            return x
+        return x * jnp.asarray(np.float32(self.config.hidden_size**0.5), x.dtype)
 
     def _attention(
         self,
@@ -498,8 +579,8 @@ class LlamaForCausalLM:
         k = _linear(p["k_proj"], h).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
         v = _linear(p["v_proj"], h).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
         if c.qk_norm:
-            q = rms_norm(q, p["q_norm"]["weight"], c.rms_norm_eps)
-            k = rms_norm(k, p["k_norm"]["weight"], c.rms_norm_eps)
+            q = self._norm(p["q_norm"], q)
+            k = self._norm(p["k_norm"], k)
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if kv is not None:
@@ -510,7 +591,9 @@ class LlamaForCausalLM:
             )
             k, v = kv
         attend = grouped_attention if kv is not None else causal_attention
-        out = attend(q, k, v, mask, c.num_key_value_heads)
+        out = attend(
+            q, k, v, mask, c.num_key_value_heads, c.attention_scale, c.attn_logit_softcapping
+        )
         return _linear(p["o_proj"], out), kv
 
     def _mlp(self, p: Params, h: jax.Array) -> jax.Array:
@@ -519,12 +602,16 @@ class LlamaForCausalLM:
         return _linear(p["down_proj"], act(_linear(p["gate_proj"], h)) * _linear(p["up_proj"], h))
 
     def _head(self, params: Params, h: jax.Array) -> jax.Array:
-        """LM head on already-injected params: `h` [..., D] -> [..., V] (tied: embed_tokens)."""
+        """LM head on already-injected params: `h` [..., D] -> [..., V] (tied: embed_tokens),
+        soft-capped when the config says so (Gemma 2)."""
         if "lm_head" in params:
-            return ops.linear(h, params["lm_head"]["weight"])
-        if not self.config.tie_word_embeddings:
+            logits = ops.linear(h, params["lm_head"]["weight"])
+        elif not self.config.tie_word_embeddings:
             raise KeyError("params has no 'lm_head' and the config does not tie word embeddings")
-        return ops.linear(h, params["model"]["embed_tokens"]["weight"])
+        else:
+            logits = ops.linear(h, params["model"]["embed_tokens"]["weight"])
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def _inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies of this config, float32 [head_dim // 2]."""
@@ -547,17 +634,21 @@ def _init_params(config: ModelConfig, key: jax.Array, dtype: jnp.dtype) -> Param
     """All params of `config` at once (one compilation), see `LlamaForCausalLM.init`."""
     leaves, treedef = jax.tree.flatten_with_path(param_shapes(config), is_leaf=is_shape)
     keys = jax.random.split(key, len(leaves))
+    norm_value = 0.0 if config.norm_style == "gemma" else 1.0  # a unit norm either way
     values = [
-        _init_leaf(k, jax.tree_util.keystr(path), shape, dtype)
+        _init_leaf(k, jax.tree_util.keystr(path), shape, dtype, norm_value)
         for k, (path, shape) in zip(keys, leaves, strict=True)
     ]
     return jax.tree.unflatten(treedef, values)
 
 
-def _init_leaf(key: jax.Array, path: str, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
-    """Init one leaf from its key path: norms -> ones, biases -> zeros, weights -> N(0, 0.02)."""
+def _init_leaf(
+    key: jax.Array, path: str, shape: tuple[int, ...], dtype: jnp.dtype, norm_value: float
+) -> jax.Array:
+    """Init one leaf from its key path: norms -> `norm_value`, biases -> zeros, weights ->
+    N(0, 0.02)."""
     if "norm" in path:
-        return jnp.ones(shape, dtype)
+        return jnp.full(shape, norm_value, dtype)
     if path.endswith("['bias']"):
         return jnp.zeros(shape, dtype)
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
@@ -580,8 +671,7 @@ def _generate(
     there, so the model numbers the slots, padding included, as `apply` does.
     """
     batch, seq = input_ids.shape
-    embed = params["model"]["embed_tokens"]["weight"]
-    x = ops.embed(input_ids, embed)
+    x = model._embed(params, input_ids)
     virtual = prompt is not None and prompt.embeddings is not None
     prefix_len = prompt.num_virtual_tokens if prompt is not None and not virtual else 0
     if virtual:
@@ -609,7 +699,7 @@ def _generate(
 
     def step(t, carry):
         tokens, cache = carry
-        x = ops.embed(lax.dynamic_slice_in_dim(tokens, t - 1, 1, axis=1), embed)
+        x = model._embed(params, lax.dynamic_slice_in_dim(tokens, t - 1, 1, axis=1))
         pos = positions[:, -1:] + t
         h, cache = model._decoder(params, x, pos, key_valid, cache, filled + t - 1)
         nxt = jnp.argmax(model._head(params, h[:, 0]), axis=-1)
