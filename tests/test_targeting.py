@@ -134,3 +134,25 @@ def test_tied_head_is_visible_to_modules_to_save():
     assert names == ["lm_head.weight"]
     with pytest.raises(ValueError, match="modules_to_save"):
         targeting.resolve_modules_to_save(stacked_params(), ["classifier"])
+
+
+def test_default_targets_are_pefts():
+    """Each per-architecture default (LoRA, AdaLoRA, IA3 and its feed-forward modules, LN
+    tuning) is PEFT's own for that model_type."""
+    from peft.utils import constants
+
+    from jpeft.methods import adalora, ia3, ln_tuning
+
+    tables = [
+        (targeting.DEFAULT_TARGETS, constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
+        (adalora.DEFAULT_TARGETS, constants.TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING),
+        (ia3.DEFAULT_TARGETS, constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING),
+        (ia3.DEFAULT_FEEDFORWARD, constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING),
+        (
+            ln_tuning.DEFAULT_TARGETS,
+            constants.TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING,
+        ),
+    ]
+    for ours, peft_table in tables:
+        for model_type, names in ours.items():
+            assert list(names) == list(peft_table[model_type]), (model_type, names)

@@ -44,7 +44,10 @@ from jpeft.tree import path_str
 A_KEY, E_KEY, B_KEY = "lora_A", "lora_E", "lora_B"
 PIECES = (A_KEY, E_KEY, B_KEY)
 # PEFT's AdaLoRA defaults when `target_modules` is None (it has none for mistral).
-DEFAULT_TARGETS = {model_type: ("q_proj", "v_proj") for model_type in ("llama", "qwen2", "qwen3")}
+DEFAULT_TARGETS = {
+    model_type: ("q_proj", "v_proj")
+    for model_type in ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+}
 # LoraConfig's `r` default: AdaLoRA ignores `r` and warns when it differs (`init_r` is the rank).
 LORA_DEFAULT_R = 8
 

@@ -43,6 +43,9 @@ DEFAULT_TARGETS = {
     "mistral": ("k_proj", "v_proj", "down_proj"),
     "qwen2": ("q_proj", "v_proj", "down_proj"),
     "qwen3": ("q_proj", "v_proj", "down_proj"),
+    "gemma": ("q_proj", "v_proj", "down_proj"),
+    "gemma2": ("q_proj", "v_proj", "down_proj"),
+    "gemma3_text": ("q_proj", "v_proj", "down_proj"),
 }
 DEFAULT_FEEDFORWARD = {model_type: ("down_proj",) for model_type in DEFAULT_TARGETS}
 

@@ -45,12 +45,21 @@ from jpeft.tree import ModuleRef
 
 COPY = "ln_tuning_layers"
 
+_SANDWICH_NORMS = (  # Gemma 2/3's four norms per layer, and the final one
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+    "norm",
+)
 # PEFT's per-architecture LN tuning targets (utils/constants.py), used when target_modules is None.
 DEFAULT_TARGETS = {
     "llama": ("input_layernorm", "post_attention_layernorm", "norm"),
     "mistral": ("input_layernorm", "post_attention_layernorm", "norm"),
     "qwen2": ("post_attention_layernorm",),
     "qwen3": ("post_attention_layernorm",),
+    "gemma": ("input_layernorm", "post_attention_layernorm", "norm"),
+    **dict.fromkeys(("gemma2", "gemma3_text"), _SANDWICH_NORMS),
 }
 
 

@@ -28,6 +28,19 @@ FAMILIES = {
     "mistral": ("MistralConfig", dict(sliding_window=4)),
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=True)),
+    # sliding and global layers with their own RoPE bases, softcapped logits
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            head_dim=16,
+            sliding_window=4,
+            sliding_window_pattern=2,
+            query_pre_attn_scalar=12,
+            final_logit_softcapping=3.0,
+            rope_local_base_freq=100.0,
+            eos_token_id=None,  # greedy generations run their full length, as jpeft's
+        ),
+    ),
 }
 
 

@@ -91,7 +91,7 @@ def test_untied_head_from_modules_to_save(base, tmp_path):
     )
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
 def test_every_family(family, tmp_path):
     from hf_bases import build_base
 

@@ -24,7 +24,7 @@ import jpeft
 
 TOL = 1e-4
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
-FAMILIES = ("llama", "qwen2")
+FAMILIES = ("llama", "qwen2", "gemma3")
 CONFIGS = {
     "defaults": {},
     "explicit": dict(
