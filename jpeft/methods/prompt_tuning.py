@@ -69,7 +69,10 @@ def _init_adapter(params, config: PromptTuningConfig, key, model=None) -> Adapte
             ids = jax.random.randint(key, (tokens,), 0, table.shape[0])
         else:
             ids = jnp.asarray(init_text_ids(config))
-        embedding = jnp.take(table, ids, axis=0).astype(jnp.float32)
+        # PEFT reads the model's embedding layer: Gemma's scales the rows (pass model= for it)
+        embed = getattr(model, "embed_tokens", None)
+        rows = embed(params, ids) if embed is not None else jnp.take(table, ids, axis=0)
+        embedding = rows.astype(jnp.float32)
     return Adapter(config, {PROMPT_ENCODER: {pl.EMBEDDING: embedding}})
 
 

@@ -423,7 +423,7 @@ class LlamaForCausalLM:
             key_valid = jnp.ones((batch, seq), bool)
         else:
             key_valid = attention_mask.astype(bool)
-        x = constrain_batch(self._embed(params, input_ids))
+        x = constrain_batch(self.embed_tokens(params, input_ids))
         if prompt is None:
             if position_ids is None:
                 position_ids = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
@@ -554,9 +554,10 @@ class LlamaForCausalLM:
         """The config's RMSNorm with the module dict `p` = {"weight": w}."""
         return rms_norm(x, p["weight"], self.config.rms_norm_eps, self.config.norm_style)
 
-    def _embed(self, params: Params, ids: jax.Array) -> jax.Array:
-        """Token embeddings [..., D]; times sqrt(hidden_size) rounded to their dtype (Gemma),
-        which prompt-learning virtual tokens do not get (as in transformers)."""
+    def embed_tokens(self, params: Params, ids: jax.Array) -> jax.Array:
+        """Token embeddings `ids` [...] -> [..., D] as the model's embedding layer gives them:
+        times sqrt(hidden_size) rounded to their dtype for Gemma (prompt-learning virtual tokens
+        do not get it, as in transformers; PEFT's TEXT / SAMPLE_VOCAB prompt init does)."""
         x = ops.embed(ids, params["model"]["embed_tokens"]["weight"])
         if not self.config.embed_scale:
             return x
@@ -671,7 +672,7 @@ def _generate(
     there, so the model numbers the slots, padding included, as `apply` does.
     """
     batch, seq = input_ids.shape
-    x = model._embed(params, input_ids)
+    x = model.embed_tokens(params, input_ids)
     virtual = prompt is not None and prompt.embeddings is not None
     prefix_len = prompt.num_virtual_tokens if prompt is not None and not virtual else 0
     if virtual:
@@ -699,7 +700,7 @@ def _generate(
 
     def step(t, carry):
         tokens, cache = carry
-        x = model._embed(params, lax.dynamic_slice_in_dim(tokens, t - 1, 1, axis=1))
+        x = model.embed_tokens(params, lax.dynamic_slice_in_dim(tokens, t - 1, 1, axis=1))
         pos = positions[:, -1:] + t
         h, cache = model._decoder(params, x, pos, key_valid, cache, filled + t - 1)
         nxt = jnp.argmax(model._head(params, h[:, 0]), axis=-1)
