@@ -137,13 +137,9 @@ def stack_position(params: Mapping[Path, Any], path: Path, num_layers: int) -> i
     parameter carries `num_layers` on its leading axis (the module `nn.scan` / `nnx.vmap` made)."""
     for end in range(1, len(path) + 1):
         below = [leaf for p, leaf in params.items() if p[:end] == path[:end]]
-        if all(leaf_shape(leaf)[:1] == (num_layers,) for leaf in below):
+        if all(jtree.leaf_shape(leaf)[:1] == (num_layers,) for leaf in below):
             return end - 1
     return len(path) - 1
-
-
-def leaf_shape(leaf: Any) -> tuple[int, ...]:
-    return jtree.leaf_shape(leaf)
 
 
 def flatten(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
@@ -219,7 +215,7 @@ class ParamView:
         specs = {}
         for name, path, layer in self.names():
             spec = tuple(own.get(path) or ())
-            spec += (None,) * (len(leaf_shape(self.flat[path])) - len(spec))
+            spec += (None,) * (len(jtree.leaf_shape(self.flat[path])) - len(spec))
             spec = spec if layer is None else spec[1:]
             site = self._site_of.get(path[:-1])
             if site is not None and path[-1] == site.kernel_name:
@@ -246,7 +242,7 @@ class ParamView:
                 old = site.kernel_from_view(dequantize(old))
             values = {}
             for layer, value in per_layer.items():
-                shape = leaf_shape(jtree.layer_of(old, layer))
+                shape = jtree.leaf_shape(jtree.layer_of(old, layer))
                 if site is not None and path[-1] == site.kernel_name:
                     value = site.kernel_from_view(value)
                 elif site is not None and path[-1] == "bias":
